@@ -1,0 +1,72 @@
+"""The storage and authentication contracts the server facade calls.
+
+These keep the shape of Tcllib pop3d's ``-storage`` and ``-auth`` callbacks
+(``lock``, ``unlock``, ``stat``, ``size``, ``get``, ``dele``; ``exists``,
+``lookup``) with its defects fixed: messages are named by a stable key rather
+than a number, ``get`` returns a stream instead of the whole message, ``scan``
+lists sizes and UIDLs in one pass, and the authenticator hands back a
+*verifier* rather than a cleartext password.
+
+Every method may be a plain function or a coroutine function; the transports
+run both.  Storage methods raise only the exceptions below (or ``OSError``);
+the facade turns them into ``-ERR [IN-USE]`` / ``-ERR [SYS/TEMP]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from typing import BinaryIO, Protocol, runtime_checkable
+
+from ._maildrop import MessageInfo
+from .auth import Verifier
+
+__all__ = [
+    "Authenticator",
+    "MailboxLocked",
+    "MessageGone",
+    "Storage",
+    "StorageError",
+]
+
+
+class StorageError(Exception):
+    """A temporary storage failure: the client sees ``-ERR [SYS/TEMP]``."""
+
+
+class MailboxLocked(StorageError):
+    """The maildrop is held by another session: ``-ERR [IN-USE]``."""
+
+
+class MessageGone(StorageError):
+    """A listed message vanished or became unreadable during the session."""
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Where maildrops live.  *mailbox* is the reference the authenticator returned."""
+
+    def lock(self, mailbox: str) -> bool | Awaitable[bool]:
+        """Take the exclusive maildrop lock; False (or MailboxLocked) if it is held."""
+
+    def unlock(self, mailbox: str) -> None | Awaitable[None]:
+        """Release the lock taken by ``lock``; must not fail if already released."""
+
+    def scan(self, mailbox: str) -> Sequence[MessageInfo] | Awaitable[Sequence[MessageInfo]]:
+        """List the locked maildrop once: keys, CRLF sizes and UIDLs, in number order."""
+
+    def get(self, mailbox: str, key: str) -> BinaryIO | Awaitable[BinaryIO]:
+        """Open one message for reading (LF or CRLF bytes); raise MessageGone if it cannot."""
+
+    def dele(self, mailbox: str, keys: Sequence[str]) -> None | Awaitable[None]:
+        """Remove these messages (called only at UPDATE); all or nothing where possible."""
+
+
+@runtime_checkable
+class Authenticator(Protocol):
+    """Who may log in.  pop3d's ``exists`` and ``lookup``."""
+
+    def exists(self, name: str) -> bool | Awaitable[bool]:
+        """Whether *name* is a known user."""
+
+    def lookup(self, name: str) -> tuple[Verifier, str] | None | Awaitable[tuple[Verifier, str] | None]:
+        """(verifier, mailbox reference) for *name*, or None for an unknown user."""
