@@ -20,6 +20,8 @@ from typing import BinaryIO, Protocol, runtime_checkable
 from ._maildrop import MessageInfo
 from .auth import Verifier
 
+Found = tuple[Verifier, str] | None
+
 __all__ = [
     "Authenticator",
     "MailboxLocked",
@@ -48,7 +50,7 @@ class Storage(Protocol):
     def lock(self, mailbox: str) -> bool | Awaitable[bool]:
         """Take the exclusive maildrop lock; False (or MailboxLocked) if it is held."""
 
-    def unlock(self, mailbox: str) -> None | Awaitable[None]:
+    def unlock(self, mailbox: str) -> Awaitable[None] | None:
         """Release the lock taken by ``lock``; must not fail if already released."""
 
     def scan(self, mailbox: str) -> Sequence[MessageInfo] | Awaitable[Sequence[MessageInfo]]:
@@ -57,7 +59,7 @@ class Storage(Protocol):
     def get(self, mailbox: str, key: str) -> BinaryIO | Awaitable[BinaryIO]:
         """Open one message for reading (LF or CRLF bytes); raise MessageGone if it cannot."""
 
-    def dele(self, mailbox: str, keys: Sequence[str]) -> None | Awaitable[None]:
+    def dele(self, mailbox: str, keys: Sequence[str]) -> Awaitable[None] | None:
         """Remove these messages (called only at UPDATE); all or nothing where possible."""
 
 
@@ -68,5 +70,5 @@ class Authenticator(Protocol):
     def exists(self, name: str) -> bool | Awaitable[bool]:
         """Whether *name* is a known user."""
 
-    def lookup(self, name: str) -> tuple[Verifier, str] | None | Awaitable[tuple[Verifier, str] | None]:
+    def lookup(self, name: str) -> Found | Awaitable[Found]:
         """(verifier, mailbox reference) for *name*, or None for an unknown user."""

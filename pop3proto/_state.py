@@ -1,0 +1,96 @@
+"""The POP3 state rules as data.
+
+Rule 1: every legal move is in one of these tables, and anything not in them
+is refused.  ``COMMANDS[phase]`` lists the commands a client may give in that
+phase; any other known command gets ``-ERR`` and counts as a bad command.
+``ANSWERS[type(pending event)]`` lists the responses the application may send
+while that event is pending; anything else is a ``LocalProtocolError`` (so is
+any answer with no event pending, except ``Greeting``/``Err`` in GREETING).
+``Disconnect`` is allowed everywhere but CLOSED and ERROR and is handled
+before the table is consulted.
+
+Theory of operation: the connection starts in GREETING and sends nothing
+until the application sends ``Greeting`` (or ``Err`` to refuse).  Then
+AUTHORIZATION -> (login accepted) -> TRANSACTION -> (QUIT) -> UPDATE ->
+(Update answered) -> CLOSED.  QUIT in AUTHORIZATION, peer EOF, Disconnect
+and too many failed logins go straight to CLOSED.  RFC 1939 never lets
+anything but QUIT in TRANSACTION reach UPDATE.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from ._events import (
+    ApopLogin,
+    AuthResponse,
+    AuthStart,
+    Data,
+    EndOfMessage,
+    Err,
+    Event,
+    Login,
+    LoginAccepted,
+    Ok,
+    Response,
+    RetrieveMessage,
+    SaslChallenge,
+    StartTLS,
+    TopOfMessage,
+    Update,
+)
+
+__all__ = ["ANSWERS", "COMMANDS", "KNOWN_COMMANDS", "Phase", "Reply"]
+
+
+class Phase(enum.Enum):
+    """Where the session is (RFC 1939 section 3 plus the edges)."""
+
+    #: Nothing sent yet; waiting for the application's Greeting.
+    GREETING = "greeting"
+    #: Before login: USER/PASS, APOP, AUTH, STLS, UTF8, CAPA, QUIT.
+    AUTHORIZATION = "authorization"
+    #: Logged in with the maildrop locked.
+    TRANSACTION = "transaction"
+    #: QUIT in TRANSACTION; the application is applying deletions.
+    UPDATE = "update"
+    #: The session is over; close the socket.
+    CLOSED = "closed"
+    #: A protocol error ended the session.
+    ERROR = "error"
+
+
+class Reply(enum.Enum):
+    """Our side of the current exchange."""
+
+    #: Nothing pending: the core is reading commands.
+    IDLE = "idle"
+    #: An event waits for the application's answer.
+    AWAITING_APP = "awaiting-app"
+    #: Inside a RETR/TOP block: Data until EndOfMessage.
+    SENDING_LINES = "sending-lines"
+
+
+COMMANDS: dict[Phase, frozenset[bytes]] = {
+    Phase.AUTHORIZATION: frozenset(
+        {b"USER", b"PASS", b"APOP", b"AUTH", b"STLS", b"UTF8", b"CAPA", b"QUIT"}
+    ),
+    Phase.TRANSACTION: frozenset(
+        {b"STAT", b"LIST", b"UIDL", b"RETR", b"TOP", b"DELE", b"RSET", b"NOOP", b"QUIT", b"CAPA"}
+    ),
+}
+
+KNOWN_COMMANDS: frozenset[bytes] = COMMANDS[Phase.AUTHORIZATION] | COMMANDS[Phase.TRANSACTION]
+
+_LOGIN: frozenset[type[Response]] = frozenset({LoginAccepted, Err})
+
+ANSWERS: dict[type[Event], frozenset[type[Response]]] = {
+    Login: _LOGIN,
+    ApopLogin: _LOGIN,
+    AuthStart: frozenset({LoginAccepted, Err, SaslChallenge}),
+    AuthResponse: frozenset({LoginAccepted, Err, SaslChallenge}),
+    StartTLS: frozenset({Ok, Err}),
+    RetrieveMessage: frozenset({Ok, Err, Data, EndOfMessage}),
+    TopOfMessage: frozenset({Ok, Err, Data, EndOfMessage}),
+    Update: frozenset({Ok, Err}),
+}
