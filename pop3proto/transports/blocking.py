@@ -1,0 +1,208 @@
+"""Blocking sockets, one thread per connection (standard library only).
+
+``start(server)`` listens in a background thread (what ``Server.up`` calls);
+``serve(server)`` runs in the caller's thread; ``main()`` is the command.
+The socket timeout is the idle timer: when it fires the session closes
+without an update (RFC 1939 autologout).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import time
+from typing import Any
+
+from pop3proto import NEED_DATA, PAUSED, ConnectionClosed, Phase, RemoteProtocolError
+from pop3proto.server import (
+    START_TLS,
+    Call,
+    Server,
+    Session,
+    Sleep,
+    Step,
+    Steps,
+    run_call_sync,
+)
+
+__all__ = ["main", "serve", "start"]
+
+_RECV = 65536
+
+
+def _once(step: Step) -> Steps:
+    yield step
+
+
+class _Client:
+    """One connection's socket and session, run in its own thread."""
+
+    def __init__(self, server: Server, sock: socket.socket, peer: Any, tls: bool) -> None:
+        self.server = server
+        self.sock: socket.socket = sock
+        self.session: Session = server.open_session(peer[:2], tls=tls)
+        self.conn = self.session.conn
+        self.tls = tls
+        self.session.set_killer(self._kill)
+
+    def _kill(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.settimeout(self.session.idle_timeout() or None)
+            self.sock.sendall(data)
+
+    def run_steps(self, steps: Steps) -> None:
+        """Carry out a session's steps: responses, calls, sleeps, the TLS switch."""
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = steps.throw(error) if error is not None else steps.send(value)
+            except StopIteration:
+                return
+            value = error = None
+            if isinstance(step, Call):
+                try:
+                    value = run_call_sync(step)
+                except Exception as exc:
+                    error = exc
+            elif isinstance(step, Sleep):
+                time.sleep(step.seconds)
+            elif step is START_TLS:
+                self.flush()
+                self.handshake()
+            else:
+                self.conn.send(step)  # type: ignore[arg-type]
+                self.flush()
+
+    def handshake(self) -> None:
+        ctx = self.server.ssl_context()
+        assert ctx is not None
+        self.sock.settimeout(self.server.cget("handshake_timeout") or None)
+        self.sock = ctx.wrap_socket(self.sock, server_side=True)
+
+    def run(self) -> None:
+        conn, session = self.conn, self.session
+        try:
+            if self.tls:
+                self.tls = False
+                self.handshake()
+            self.run_steps(session.greet())
+            while True:
+                event = conn.next_event()
+                self.flush()
+                if event is NEED_DATA:
+                    self.sock.settimeout(session.idle_timeout() or None)
+                    try:
+                        data = self.sock.recv(_RECV)
+                    except TimeoutError:
+                        self.run_steps(_once(session.timed_out()))
+                        return
+                    session.touch()
+                    conn.receive_data(data)
+                elif event is PAUSED:
+                    if conn.pending is not None:
+                        raise RuntimeError(f"event left unanswered: {conn.pending!r}")
+                else:
+                    assert not isinstance(event, type(NEED_DATA))
+                    self.run_steps(session.handle(event))
+                    if isinstance(event, ConnectionClosed):
+                        return
+        except RemoteProtocolError:
+            try:
+                self.flush()
+            except OSError:
+                pass
+        except (OSError, ssl.SSLError, ValueError):
+            conn.send_failed()
+        except Exception:
+            conn.send_failed()
+            self.server.logger.exception("session %s failed", session.id)
+        finally:
+            if conn.phase is not Phase.CLOSED and session.end_reason == "Disconnected":
+                session.end_reason = "Connection closed by peer"
+            try:
+                self.sock.close()
+            finally:
+                self.server.close_session(session)
+
+
+class _Handle:
+    """A running blocking server: accept threads, stoppable."""
+
+    def __init__(self, server: Server, listeners: list[tuple[socket.socket, bool]]) -> None:
+        self.server = server
+        self.listeners = listeners
+        self.ports = {
+            ("pop3s" if tls else "pop3"): sock.getsockname()[1] for sock, tls in listeners
+        }
+        self._threads = [
+            threading.Thread(target=self._accept, args=(sock, tls), daemon=True,
+                             name=f"pop3proto-accept-{sock.getsockname()[1]}")
+            for sock, tls in listeners
+        ]
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def _accept(self, listener: socket.socket, tls: bool) -> None:
+        while not self._stopped.is_set():
+            try:
+                sock, peer = listener.accept()
+            except OSError:
+                if self._stopped.is_set():
+                    return
+                time.sleep(0.01)  # EMFILE and friends: back off, keep serving
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client = _Client(self.server, sock, peer, tls)
+            threading.Thread(
+                target=client.run, daemon=True, name=f"pop3proto-session-{client.session.id}"
+            ).start()
+
+    def stop_listening(self) -> None:
+        self._stopped.set()
+        for sock, _ in self.listeners:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def join(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+
+def start(server: Server) -> _Handle:
+    """Listen and serve in background threads; returns once the ports are bound."""
+    handle = _Handle(server, server.open_listeners())
+    handle.start()
+    return handle
+
+
+def serve(server: Server) -> None:
+    """Serve in this thread until ``server.destroy()`` (or ``down()``) stops listening."""
+    server.up() if server.state != "up" else None
+    handle = server._handle
+    assert handle is not None
+    handle.join(None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pop3proto.transports.blocking``."""
+    from ._cli import run
+
+    return run("blocking", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
