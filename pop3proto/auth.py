@@ -24,7 +24,10 @@ __all__ = [
 
 
 def _secret_bytes(secret: str) -> bytes:
-    return secret.encode("utf-8", "surrogateescape")
+    try:
+        return secret.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return secret.encode("utf-8", "surrogatepass")
 
 
 def apop_digest(timestamp: str, secret: str) -> str:
