@@ -315,13 +315,14 @@ OPTIONS: dict[str, tuple[_OptionCheck, Any]] = {
     "chunk_size": (_nonneg(int), 64 * 1024),
     "trace": (_any_callable, None),
     "logger": (_t(logging.Logger), log),
+    "proxy_protocol": (_t(bool), False),
     "trusted_proxies": (_networks, ()),
     "workers": (_nonneg(int), 1),
 }
 
 #: Options that only take effect when the server is next brought up.
 _LISTEN_OPTIONS = frozenset(
-    {"host", "port", "pop3s_port", "socket_factory", "transport", "workers"}
+    {"host", "port", "pop3s_port", "socket_factory", "transport", "workers", "proxy_protocol"}
 )
 
 
@@ -727,6 +728,7 @@ class Server:
         self._idle = threading.Condition(self._lock)
         self._config_cache: dict[tuple[bool, bool], Config] = {}
         self._tls_context: ssl.SSLContext | None = None
+        self._trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.configure(**options)
 
     # -- options
@@ -758,6 +760,7 @@ class Server:
             options["storage"] = _Pop3dStorage(options["storage"])
         self._options.update(options)
         self._config_cache.clear()
+        self._trusted = iter_networks(self._options["trusted_proxies"])
         if {"tls_cert", "tls_key", "ssl_context"} & options.keys():
             self.reload_tls()
         return None
@@ -810,15 +813,27 @@ class Server:
                 return
             if self._state == "exiting":
                 raise RuntimeError("server is being destroyed")
-        module = importlib.import_module(f"pop3proto.transports.{self._options['transport']}")
-        handle: TransportHandle = module.start(self)
+        handle: TransportHandle
+        if self._options["workers"] > 1:
+            from .workers import WorkerPool
+
+            handle = WorkerPool(self, self._options["workers"])
+        else:
+            module = importlib.import_module(
+                f"pop3proto.transports.{self._options['transport']}"
+            )
+            handle = module.start(self)
         with self._lock:
             self._handle = handle
             self._bound = dict(handle.ports)
             self._state = "up"
 
     def down(self) -> None:
-        """Stop listening; live sessions go on (pop3d ``down``)."""
+        """Stop listening; live sessions go on (pop3d ``down``).
+
+        With ``workers`` > 1 the workers own the sessions: ``down`` stops them
+        all, like ``destroy("kill")``.
+        """
         with self._lock:
             handle = self._handle
             self._state = "down" if self._state == "up" else self._state
@@ -887,6 +902,20 @@ class Server:
                 out[0][0].close()
                 raise
         return out
+
+    def proxy_expected(self) -> bool:
+        """Whether connections must start with a PROXY header (``proxy_protocol``)."""
+        return bool(self._options["proxy_protocol"])
+
+    def proxy_trusted(self, host: str) -> bool:
+        """Whether *host* may send a PROXY header (it is in ``trusted_proxies``)."""
+        try:
+            addr = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self._trusted)
 
     # -- connections
 

@@ -62,6 +62,12 @@ def build_parser(transport: str) -> argparse.ArgumentParser:
     p.add_argument("--cleartext-auth", choices=["loopback", "always", "never"],
                    default="loopback", help="allow USER/PASS/PLAIN before TLS (default loopback)")
     p.add_argument("--apop", action="store_true", help="offer APOP (needs {PLAIN} secrets)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the port (default 1)")
+    p.add_argument("--proxy-protocol", action="store_true",
+                   help="expect HAProxy PROXY v1/v2 headers from --trusted-proxies")
+    p.add_argument("--trusted-proxies", default="",
+                   help="comma-separated networks allowed to send PROXY headers")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     p.add_argument("--demo", action="store_true",
@@ -146,7 +152,12 @@ def run(transport: str, argv: list[str] | None = None) -> int:
             args.cleartext_auth
         ],
         "apop": args.apop,
+        "workers": max(1, args.workers),
+        "proxy_protocol": args.proxy_protocol,
+        "trusted_proxies": tuple(n.strip() for n in args.trusted_proxies.split(",") if n.strip()),
     }
+    if args.proxy_protocol and not options["trusted_proxies"]:
+        return _fail(prog, "--proxy-protocol needs --trusted-proxies")
     try:
         server = Server(**options)
         if args.tls_cert:

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from pop3proto import NEED_DATA, PAUSED, ConnectionClosed, Phase, RemoteProtocolError
+from pop3proto.proxy import MAX_HEADER, parse_proxy_header
 from pop3proto.server import (
     START_TLS,
     Call,
@@ -33,6 +34,36 @@ _RECV = 65536
 
 def _once(step: Step) -> Steps:
     yield step
+
+
+def _proxied_peer(server: Server, sock: socket.socket, peer: Any) -> Any:
+    """The client address from a PROXY header, or None to drop the connection.
+
+    The header is peeked and then consumed exactly, so bytes after it (a TLS
+    ClientHello on the implicit-TLS port) stay in the socket.
+    """
+    if not server.proxy_trusted(peer[0]):
+        return None
+    deadline = time.monotonic() + (server.cget("handshake_timeout") or 30.0)
+    sock.settimeout(server.cget("handshake_timeout") or None)
+    seen = -1
+    while time.monotonic() < deadline:
+        data = sock.recv(MAX_HEADER, socket.MSG_PEEK)
+        if not data:
+            return None
+        try:
+            parsed = parse_proxy_header(data)
+        except ValueError:
+            return None
+        if parsed is not None:
+            header, size = parsed
+            while size:
+                size -= len(sock.recv(size))
+            return header.source or peer
+        if len(data) == seen:
+            time.sleep(0.01)
+        seen = len(data)
+    return None
 
 
 class _Client:
@@ -76,7 +107,7 @@ class _Client:
                 self.flush()
                 self.handshake()
             else:
-                self.conn.send(step)  # type: ignore[arg-type]
+                self.conn.send(step)
                 self.flush()
 
     def handshake(self) -> None:
@@ -161,10 +192,20 @@ class _Handle:
                 time.sleep(0.01)  # EMFILE and friends: back off, keep serving
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client = _Client(self.server, sock, peer, tls)
             threading.Thread(
-                target=client.run, daemon=True, name=f"pop3proto-session-{client.session.id}"
+                target=self._start_client, args=(sock, peer, tls), daemon=True
             ).start()
+
+    def _start_client(self, sock: socket.socket, peer: Any, tls: bool) -> None:
+        if self.server.proxy_expected():
+            try:
+                peer = _proxied_peer(self.server, sock, peer)
+            except OSError:
+                peer = None
+            if peer is None:
+                sock.close()
+                return
+        _Client(self.server, sock, peer, tls).run()
 
     def stop_listening(self) -> None:
         self._stopped.set()
