@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import hmac
 import importlib
 import inspect
@@ -63,7 +64,8 @@ from ._events import (
     TopOfMessage,
     Update,
 )
-from ._maildrop import Maildrop, MessageInfo
+from ._maildrop import Maildrop, MessageInfo, valid_uid
+from ._writers import WireSizer
 from ._state import Phase
 from .auth import PlainVerifier, ScramSecret, Verifier, cram_md5_digest, verify_apop
 from .storage import MailboxLocked, StorageError
@@ -173,17 +175,24 @@ class _Pop3dStorage:
         self._cmd("unlock", mailbox)
 
     def scan(self, mailbox: str) -> list[MessageInfo]:
-        import hashlib
-
+        # pop3d's "size" is whatever the callable says (often the LF file size);
+        # the listed size must be what RETR sends, so each message is read once
+        # here and measured with the core's rule (and hashed when the callable
+        # has no "uidl" answer).
         count = int(self._cmd("stat", mailbox))
         out = []
         for n in range(1, count + 1):
+            sizer, digest = WireSizer(), hashlib.md5()
+            with self.get(mailbox, str(n)) as f:
+                for chunk in iter(lambda: f.read(65536), b""):
+                    sizer.feed(chunk)
+                    digest.update(chunk)
             try:
-                uid = str(self._cmd("uidl", mailbox, n))
+                uid = self._cmd("uidl", mailbox, n)
             except Exception:
-                with self.get(mailbox, str(n)) as f:
-                    uid = hashlib.md5(f.read()).hexdigest()
-            out.append(MessageInfo(key=str(n), size=int(self._cmd("size", mailbox, n)), uid=uid))
+                uid = None
+            uid = str(uid) if uid is not None and valid_uid(str(uid)) else digest.hexdigest()
+            out.append(MessageInfo(key=str(n), size=sizer.total(), uid=uid))
         return out
 
     def get(self, mailbox: str, key: str) -> BinaryIO:
@@ -668,10 +677,13 @@ class Session:
             "tls": conn.tls,
             "messages": drop.count if drop else 0,
             "size": drop.octets if drop else 0,
+            **conn.stats.as_dict(),
+            # The marks (message numbers); the count of messages expunged at
+            # UPDATE is "expunged".
             "deleted": sorted(drop.deleted) if drop else [],
+            "expunged": conn.stats.deleted,
             "started": self.started,
             "idle": round(time.monotonic() - self.last_activity, 3),
-            **conn.stats.as_dict(),
         }
 
     def summary(self) -> str:
@@ -752,8 +764,10 @@ class Server:
                 isinstance(value, int) and value >= 0
             ):
                 raise TypeError(f"option 'expire' must be days or 'NEVER', got {value!r}")
-            if key in _LISTEN_OPTIONS and self._state != "down" and value != self._options[key]:
-                raise RuntimeError(f"option {key!r} cannot change while the server is up")
+            if key in _LISTEN_OPTIONS and self._state != "down":
+                if value != self.cget(key):
+                    raise RuntimeError(f"option {key!r} cannot change while the server is up")
+                options[key] = self._options[key]  # the bound port reads back as itself
         if callable(options.get("auth")) and not hasattr(options["auth"], "lookup"):
             options["auth"] = _Pop3dAuth(options["auth"])
         if callable(options.get("storage")) and not hasattr(options["storage"], "scan"):
