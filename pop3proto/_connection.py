@@ -230,6 +230,10 @@ class Connection:
         buf = self._buf
         config = self.config
         while True:
+            # Checked here, not on NEED_DATA (when only a bounded partial line
+            # is left): unread input piles up while we are PAUSED.
+            if buf.buffered > config.max_buffered_input:
+                self._fatal("Too much input.")
             if self._out_len >= config.output_high_water:
                 return PAUSED
             line = buf.next_line()
@@ -239,8 +243,6 @@ class Connection:
                 if buf.eof:
                     self._phase = Phase.CLOSED
                     return _CLOSED_EVENT
-                if buf.buffered > config.max_buffered_input:
-                    self._fatal("Too much input.")
                 return NEED_DATA
             event = self._handle_line(line)
             if event is not None:
@@ -410,10 +412,13 @@ class Connection:
             keyword != b"AUTH" or len(line) + 2 > config.max_sasl_line_length
         ):
             self._fatal("Line too long.")
-        if config.trace is not None:
+        if config.trace is not None and keyword in KNOWN_COMMANDS:
             self._trace_command(keyword, rest)
         handler = self._handlers[self._phase].get(keyword)
         if handler is None:
+            if config.trace is not None and keyword not in KNOWN_COMMANDS:
+                # Could be a SASL answer sent after a refused AUTH: never echo it.
+                config.trace("C", f"(unknown command, {len(line)} octets)")
             if keyword in KNOWN_COMMANDS:
                 self._bad_command("Command not valid in this state.")
             else:
@@ -712,8 +717,7 @@ class Connection:
     def _answer_login(self, pending: Event, response: Response) -> None:
         self._pending = None
         if isinstance(response, SaslChallenge):
-            if not isinstance(pending, (AuthStart, AuthResponse)):  # pragma: no cover
-                self._misuse("SaslChallenge outside AUTH")
+            # ANSWERS allows SaslChallenge only for AuthStart/AuthResponse.
             self._write(b"+ " + base64.b64encode(response.data) + b"\r\n")
             self._sasl = True
             return

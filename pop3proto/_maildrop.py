@@ -14,7 +14,8 @@ __all__ = ["Maildrop", "MessageInfo", "valid_uid"]
 
 def valid_uid(uid: str) -> bool:
     """Whether *uid* is an RFC 1939 unique-id: 1-70 characters in 0x21-0x7E."""
-    return 0 < len(uid) <= 70 and all(0x21 <= ord(c) <= 0x7E for c in uid)
+    # isascii + isprintable leave exactly 0x20-0x7E; then refuse the space.
+    return 0 < len(uid) <= 70 and uid.isascii() and uid.isprintable() and " " not in uid
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,8 +72,15 @@ class Maildrop:
         return 1 <= number <= len(self.messages)
 
     def mark(self, number: int) -> None:
-        """Mark live message *number* for deletion at UPDATE."""
-        info = self.messages[number - 1]
+        """Mark live message *number* for deletion at UPDATE.
+
+        Raises:
+            ValueError: *number* names no live message (absent or already
+                marked); the marks are unchanged.
+        """
+        info = self.get(number)
+        if info is None:
+            raise ValueError(f"message {number} is absent or already marked")
         self.deleted.add(number)
         self._live_count -= 1
         self._live_octets -= info.size

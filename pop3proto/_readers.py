@@ -26,9 +26,10 @@ def parse_number(arg: bytes) -> int | None:
     """
     if not arg or not _DIGITS.issuperset(arg):
         return None
-    if len(arg) > _MAX_DIGITS:
+    digits = arg.lstrip(b"0")
+    if len(digits) > _MAX_DIGITS:
         return _TOO_BIG
-    return int(arg)
+    return int(digits or b"0")
 
 
 def decode_base64(arg: bytes) -> bytes | None:

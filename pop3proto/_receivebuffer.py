@@ -19,7 +19,7 @@ class ReceiveBuffer:
         self._lines: list[bytes] = []
         self._pos = 0
         self._partial = bytearray()
-        self._queued = 0  # octets held in _lines[_pos:] (approximately: includes read ones)
+        self._queued = 0  # octets held in _lines[_pos:], LFs included
         self.eof = False
 
     def feed(self, data: bytes) -> None:
@@ -28,27 +28,29 @@ class ReceiveBuffer:
             self._partial += data
             return
         parts = data.split(b"\n")
-        if self._partial:
-            parts[0] = bytes(self._partial) + parts[0]
-            self._partial.clear()
-        self._partial += parts.pop()
+        partial = self._partial
+        added = len(partial) + len(data)
+        if partial:
+            parts[0] = bytes(partial) + parts[0]
+            partial.clear()
+        partial += parts.pop()
         if self._pos:
             del self._lines[: self._pos]
             self._pos = 0
-            self._queued = sum(len(line) + 1 for line in self._lines)
         self._lines.extend(parts)
-        self._queued += len(data)
+        self._queued += added - len(partial)
 
     def next_line(self) -> bytes | None:
         """The next complete line without its LF, or None if there is none yet."""
         pos = self._pos
         if pos < len(self._lines):
             self._pos = pos + 1
-            return self._lines[pos]
+            line = self._lines[pos]
+            self._queued -= len(line) + 1
+            return line
         if pos:
             self._lines.clear()
             self._pos = 0
-            self._queued = 0
         return None
 
     @property
@@ -58,12 +60,8 @@ class ReceiveBuffer:
 
     @property
     def buffered(self) -> int:
-        """Roughly how many unread octets are held (complete and partial lines)."""
+        """Unread octets held: the complete lines (LFs included) and the partial line."""
         return self._queued + len(self._partial)
-
-    def has_line(self) -> bool:
-        """Whether a complete line is waiting."""
-        return self._pos < len(self._lines)
 
     def clear(self) -> None:
         """Throw away everything buffered (after STLS)."""

@@ -8,7 +8,8 @@ lone CR at a chunk's end, is handled exactly like an unsplit one.
 
 The size rule is shared with storages through ``wire_size``/``WireSizer``: a
 bare LF counts as CRLF, and a message that does not end with a line end gets
-the CRLF the encoder adds before the terminator.  Dot-stuffing is not counted
+the CRLF the encoder adds before the terminator (just the LF after a final
+bare CR, which the encoder completes to CRLF).  Dot-stuffing is not counted
 (RFC 1939 section 11: sizes are before byte-stuffing).
 """
 
@@ -50,6 +51,8 @@ class WireSizer:
         """The size so far, as if the message ended here."""
         if self._last in (-1, 10):
             return self._total
+        if self._last == 13:
+            return self._total + 1  # DotStuffer.end completes a final bare CR to CRLF
         return self._total + 2
 
 

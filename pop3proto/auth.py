@@ -37,7 +37,9 @@ def apop_digest(timestamp: str, secret: str) -> str:
 
 def verify_apop(timestamp: str, secret: str, digest: str) -> bool:
     """Whether *digest* is right for *timestamp* and *secret* (constant time)."""
-    return hmac.compare_digest(apop_digest(timestamp, secret), digest.lower())
+    # Compared as bytes: compare_digest raises TypeError on non-ASCII str.
+    given = digest.lower().encode("utf-8", "replace")
+    return hmac.compare_digest(apop_digest(timestamp, secret).encode("ascii"), given)
 
 
 def make_apop_timestamp(pid: int, clock: float, nonce: int, host: str) -> str:
