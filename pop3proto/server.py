@@ -470,7 +470,7 @@ class Session:
     def _password_login(self, name: str, password: str) -> Steps:
         found = yield from self._lookup(name)
         if found is None:
-            dummy = self.server._dummy_verifier()
+            dummy = yield Call(self.server._dummy_verifier)
             if dummy is not None:
                 yield Call(dummy.verify, (password,))  # same time as a known user
             yield from self._fail()
@@ -527,10 +527,13 @@ class Session:
         if isinstance(step, _sasl.NeedSecret):
             assert isinstance(mech, _sasl.ScramSha256)
             found = yield from self._lookup(step.username)
-            secret = found[0].scram() if found else None
+            secret = (yield Call(found[0].scram)) if found else None
             if secret is None:
-                # A decoy, so the exchange looks the same for unknown users.
-                secret = ScramSecret.from_password(secrets.token_hex(8), b"decoy-salt", 4096)
+                # A decoy, so the exchange looks the same for unknown users
+                # (PBKDF2 is slow: a Call, so async transports run it off-loop).
+                secret = yield Call(
+                    ScramSecret.from_password, (secrets.token_hex(8), b"decoy-salt", 4096)
+                )
             yield SaslChallenge(data=mech.server_first(secret).data)
             return
         self._mech = None
@@ -656,7 +659,12 @@ class Session:
                     self.server._log_error(self, "unlock failed", exc)
 
     def release_sync(self) -> None:
-        """Release the lock from a transport's cleanup path (sync callbacks run here)."""
+        """Release the lock from a transport's cleanup path, in this thread.
+
+        A coroutine ``unlock`` is run with ``asyncio.run``, which cannot work
+        from a thread whose event loop is running: async transports release
+        through ``handle(ConnectionClosed())`` before ``close_session``.
+        """
         for step in self._release():
             if isinstance(step, Call):
                 try:
