@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from pop3proto import NEED_DATA, PAUSED, ConnectionClosed, Phase, RemoteProtocolError
+from pop3proto import NEED_DATA, PAUSED, ConnectionClosed, Data, Phase, RemoteProtocolError
 from pop3proto.proxy import MAX_HEADER, parse_proxy_header
 from pop3proto.server import (
     START_TLS,
@@ -75,16 +75,25 @@ class _Client:
         self.session: Session = server.open_session(peer[:2], tls=tls)
         self.conn = self.session.conn
         self.tls = tls
+        self.gone = False
         self.session.set_killer(self._kill)
 
     def _kill(self) -> None:
         self.sock.shutdown(socket.SHUT_RDWR)
 
     def flush(self) -> None:
+        """Write what the core has queued.  A write error marks the peer gone.
+
+        Input already received is still processed after that, so a QUIT that
+        arrived before the peer reset still applies its deletions.
+        """
         data = self.conn.data_to_send()
-        if data:
+        if data and not self.gone:
             self.sock.settimeout(self.session.idle_timeout() or None)
-            self.sock.sendall(data)
+            try:
+                self.sock.sendall(data)
+            except (OSError, ValueError):
+                self.gone = True
 
     def run_steps(self, steps: Steps) -> None:
         """Carry out a session's steps: responses, calls, sleeps, the TLS switch."""
@@ -107,6 +116,8 @@ class _Client:
                 self.flush()
                 self.handshake()
             else:
+                if self.gone and isinstance(step, Data):
+                    raise ConnectionResetError("peer gone during a message")
                 self.conn.send(step)
                 self.flush()
 
@@ -125,8 +136,10 @@ class _Client:
             self.run_steps(session.greet())
             while True:
                 event = conn.next_event()
-                self.flush()
                 if event is NEED_DATA:
+                    self.flush()  # one write for all the replies to one read
+                    if self.gone:
+                        return
                     self.sock.settimeout(session.idle_timeout() or None)
                     try:
                         data = self.sock.recv(_RECV)
@@ -136,18 +149,16 @@ class _Client:
                     session.touch()
                     conn.receive_data(data)
                 elif event is PAUSED:
+                    self.flush()
                     if conn.pending is not None:
                         raise RuntimeError(f"event left unanswered: {conn.pending!r}")
                 else:
-                    assert not isinstance(event, type(NEED_DATA))
                     self.run_steps(session.handle(event))
                     if isinstance(event, ConnectionClosed):
+                        self.flush()
                         return
         except RemoteProtocolError:
-            try:
-                self.flush()
-            except OSError:
-                pass
+            self.flush()
         except (OSError, ssl.SSLError, ValueError):
             conn.send_failed()
         except Exception:
