@@ -241,6 +241,10 @@ class ScramSha256:
         if not user or not cnonce or bare.startswith("m="):
             return Failure("Invalid SCRAM client-first message.")
         self.username = user.replace("=2C", ",").replace("=3D", "=")
+        authzid = parts[1][2:].replace("=2C", ",").replace("=3D", "=")
+        if parts[1] and (not parts[1].startswith("a=") or authzid != self.username):
+            # Like PLAIN: acting as another user is not offered.
+            return Failure("Authorization identity not allowed.")
         self._client_first_bare = bare
         self._nonce = cnonce + self._snonce
         self._stage = 1

@@ -65,8 +65,8 @@ from ._events import (
     Update,
 )
 from ._maildrop import Maildrop, MessageInfo, valid_uid
-from ._writers import WireSizer
 from ._state import Phase
+from ._writers import WireSizer
 from .auth import PlainVerifier, ScramSecret, Verifier, cram_md5_digest, verify_apop
 from .storage import MailboxLocked, StorageError
 
@@ -422,7 +422,9 @@ class Session:
             yield Err(text=self.refused, code="SYS/TEMP")
             return
         opts = self.server._options
-        if self.conn.config.apop and opts["auth"] is not None:
+        config = self.conn.config
+        if config.apop and opts["auth"] is not None and (config.cleartext_auth or self.conn.tls):
+            # Only where APOP is usable now: the timestamp is how clients detect it.
             nonce = secrets.randbelow(1 << 48)
             self._apop_ts = f"<{os.getpid()}.{int(time.time())}.{nonce:x}@{opts['hostname']}>"
         yield Greeting(text=opts["greeting"], apop_timestamp=self._apop_ts)
@@ -706,6 +708,15 @@ class Session:
         )
 
 
+def _load_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """A server context for *cert*/*key* (None without a cert); raises if they don't load."""
+    if not cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key or None)
+    return ctx
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """The default listener: TCP, SO_REUSEADDR, a deep backlog, dual-stack for '::'."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -746,7 +757,7 @@ class Server:
         self._handle: TransportHandle | None = None
         self._bound: dict[str, int] = {}
         self._idle = threading.Condition(self._lock)
-        self._config_cache: dict[tuple[bool, bool], Config] = {}
+        self._config_cache: dict[tuple[bool, bool, bool, bool], Config] = {}
         self._tls_context: ssl.SSLContext | None = None
         self._trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.configure(**options)
@@ -780,11 +791,15 @@ class Server:
             options["auth"] = _Pop3dAuth(options["auth"])
         if callable(options.get("storage")) and not hasattr(options["storage"], "scan"):
             options["storage"] = _Pop3dStorage(options["storage"])
+        if {"tls_cert", "tls_key"} & options.keys():
+            # Load first: a certificate that fails to load changes nothing.
+            self._tls_context = _load_tls(
+                options.get("tls_cert", self._options["tls_cert"]),
+                options.get("tls_key", self._options["tls_key"]),
+            )
         self._options.update(options)
         self._config_cache.clear()
         self._trusted = iter_networks(self._options["trusted_proxies"])
-        if {"tls_cert", "tls_key", "ssl_context"} & options.keys():
-            self.reload_tls()
         return None
 
     def cget(self, name: str) -> Any:
@@ -799,13 +814,8 @@ class Server:
 
     def reload_tls(self) -> None:
         """(Re)load ``tls_cert``/``tls_key`` into a fresh context; live sessions keep theirs."""
-        cert, key = self._options["tls_cert"], self._options["tls_key"]
-        if cert:
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.load_cert_chain(cert, key or None)
-            self._tls_context = ctx
-        else:
-            self._tls_context = None
+        self._tls_context = _load_tls(self._options["tls_cert"], self._options["tls_key"])
+        self._config_cache.clear()
 
     def _ssl_context(self) -> ssl.SSLContext | None:
         ctx: ssl.SSLContext | None = self._options["ssl_context"] or self._tls_context
@@ -1003,7 +1013,13 @@ class Server:
         opts = self._options
         cleartext = opts["cleartext_auth"]
         plain_ok = bool(cleartext is True or (cleartext == "loopback" and is_loopback(peer[0])))
-        key = (plain_ok, tls)
+        auth = opts["auth"]
+        key = (
+            plain_ok,
+            tls,
+            bool(getattr(auth, "has_cleartext", True)),
+            bool(getattr(auth, "has_scram", False)),
+        )
         config = self._config_cache.get(key)
         if config is None:
             config = self._make_config(plain_ok, tls)

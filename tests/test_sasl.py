@@ -263,3 +263,20 @@ def test_scram_accepts_y_gs2_flag() -> None:
     final, sig = _client_final("pw", b"salt", 4096, "n=bob,r=cnonce", sfirst,
                                "cnonceSERVERNONCE", gs2="y,,")
     assert m.step(final.encode()) == ScramDone("bob", b"v=" + base64.b64encode(sig))
+
+
+@pytest.mark.parametrize(
+    ("first", "ok"),
+    [
+        (b"n,a=bob,n=bob,r=x", True),
+        (b"n,a=b=2Cb,n=b=2Cb,r=x", True),
+        (b"n,a=alice,n=bob,r=x", False),
+        (b"n,x=bob,n=bob,r=x", False),
+    ],
+)
+def test_scram_authzid_must_be_the_user(first: bytes, ok: bool) -> None:
+    step = mech("SCRAM-SHA-256").step(first)
+    if ok:
+        assert isinstance(step, NeedSecret)
+    else:
+        assert step == Failure("Authorization identity not allowed.")

@@ -125,7 +125,9 @@ class _Client:
         ctx = self.server.ssl_context()
         assert ctx is not None
         self.sock.settimeout(self.server.cget("handshake_timeout") or None)
-        self.sock = ctx.wrap_socket(self.sock, server_side=True)
+        # Wrap first and shake hands after, so the killer always sees the live socket.
+        self.sock = ctx.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.sock.do_handshake()
 
     def run(self) -> None:
         conn, session = self.conn, self.session
