@@ -414,6 +414,8 @@ class Connection:
             self._fatal("Line too long.")
         if config.trace is not None and keyword in KNOWN_COMMANDS:
             self._trace_command(keyword, rest)
+        if self._user is not None and keyword != b"PASS":
+            self._user = None  # RFC 1939: PASS only immediately after a successful USER
         handler = self._handlers[self._phase].get(keyword)
         if handler is None:
             if config.trace is not None and keyword not in KNOWN_COMMANDS:

@@ -1751,3 +1751,12 @@ def test_transcript_runner_reports_remote_errors(mode: str) -> None:
     result = run(f"S: {R.GREETING}\nC: A\nC: B\nC: C\nC: D", mode=mode)
     assert isinstance(result.error, RemoteProtocolError)
     assert result.output == W(R.GREETING, R.UNKNOWN, R.UNKNOWN, R.TOO_MANY_BAD)
+
+
+@pytest.mark.parametrize("between", [b"CAPA\r\n", b"XYZZY\r\n", b"UTF8\r\n"])
+def test_pass_only_immediately_after_user(conn: Connection, between: bytes) -> None:
+    # RFC 1939 section 7: PASS "may only be given ... immediately after a successful USER".
+    assert chat(conn, b"USER mrose\r\n") == W(R.OK)
+    chat(conn, between)
+    assert chat(conn, b"PASS secret\r\n") == W(R.NO_USERNAME)
+    assert conn.pending is None
