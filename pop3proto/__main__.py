@@ -12,6 +12,7 @@ import argparse
 import getpass
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from .passwd import HASH_SCHEMES, hash_password, user_name_problem
 
@@ -73,10 +74,188 @@ def _add_passwd(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     _HANDLERS["passwd"] = _passwd
 
 
+# -- PostgreSQL (pop3proto.pgstore; needs the "postgres" extra) -------------------------
+
+_DB_HELP = ("libpq connection string or URI; prefer 'service=NAME' or PGPASSFILE to "
+            "putting a password on the command line")  # fmt: skip
+
+
+def _pgstore(command: str) -> Any:
+    """The pgstore module, or None after printing how to install psycopg."""
+    try:
+        from . import pgstore
+    except ImportError as exc:
+        _error(command, f"needs psycopg ({exc}): pip install 'pop3proto[postgres]'")
+        return None
+    return pgstore
+
+
+def _pg_failure(command: str, exc: Exception) -> int:
+    return _error(command, " ".join(str(exc).split()) or type(exc).__name__)
+
+
+def _pg_migrate(args: argparse.Namespace) -> int:
+    pg = _pgstore("pg-migrate")
+    if pg is None:
+        return 2
+    try:
+        before, after = pg.migrate(args.conninfo)
+    except Exception as exc:  # psycopg errors, StorageError: one line, status 2
+        return _pg_failure("pg-migrate", exc)
+    print(f"schema at version {after}" + ("" if before == after else f" (was {before})"))
+    return 0
+
+
+def _add_pg_migrate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "pg-migrate",
+        help="create or upgrade the PostgreSQL schema (users, messages)",
+        description="Create the pop3proto tables in a PostgreSQL database, or bring them "
+        "to this version's schema.  Safe to run again and from several hosts at once.",
+    )
+    parser.add_argument("conninfo", metavar="CONNINFO", help=_DB_HELP)
+    _HANDLERS["pg-migrate"] = _pg_migrate
+
+
+def _deliver(args: argparse.Namespace) -> int:
+    pg = _pgstore("deliver")
+    if pg is None:
+        return 2
+    data = sys.stdin.buffer.read()
+    try:
+        import psycopg
+
+        with psycopg.connect(args.db, autocommit=True) as conn:
+            known = conn.execute("SELECT 1 FROM users WHERE name = %s", (args.user,))
+            if not args.any_user and known.fetchone() is None:
+                return _error("deliver", f"no such user {args.user!r}")
+            pg.deliver(conn, args.user, data)
+    except Exception as exc:
+        return _pg_failure("deliver", exc)
+    return 0
+
+
+def _add_deliver(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "deliver",
+        help="store a message from standard input in PostgreSQL (an MDA)",
+        description="Read one message from standard input and store it in USER's maildrop "
+        "in PostgreSQL.  Exit 0 when stored; on any error, one line on stderr and exit 2.",
+    )
+    parser.add_argument("--db", required=True, metavar="CONNINFO", help=_DB_HELP)
+    parser.add_argument("--any-user", action="store_true",
+                        help="deliver even if USER is not in the users table")  # fmt: skip
+    parser.add_argument("user", metavar="USER")
+    _HANDLERS["deliver"] = _deliver
+
+
+def _pg_import(args: argparse.Namespace) -> int:
+    pg = _pgstore("pg-import")
+    if pg is None:
+        return 2
+    try:
+        import psycopg
+
+        with psycopg.connect(args.db, autocommit=True) as conn:
+            if args.passwd_file:
+                added, present, problems = pg.import_passwd_file(conn, args.passwd_file)
+                for problem in problems:
+                    print(f"skipped {problem}", file=sys.stderr)
+                print(f"users: {added} added, {present} already present")
+            results = pg.import_maildir(conn, args.maildir_root, args.user or None)
+    except Exception as exc:
+        return _pg_failure("pg-import", exc)
+    for r in results:
+        print(f"{r.user}: {r.imported} imported, {r.present} already present"
+              + (f", {r.renamed} under a new UIDL" if r.renamed else "")
+              + (f", {r.vanished} vanished" if r.vanished else ""))  # fmt: skip
+    return 0
+
+
+def _add_pg_import(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "pg-import",
+        help="copy Maildirs (and a passwd-file) into PostgreSQL, keeping UIDLs",
+        description="Copy every user's Maildir under MAILDIR_ROOT (new/ and cur/) into the "
+        "messages table with the UIDLs pop3proto's Maildir storage gives them, so clients "
+        "do not download again.  Running it again adds only what is new.  Nothing is "
+        "deleted from the Maildirs.",
+    )
+    parser.add_argument("--db", required=True, metavar="CONNINFO", help=_DB_HELP)
+    parser.add_argument("--passwd-file", help="also add this passwd-file's users "
+                        "(existing users are kept)")  # fmt: skip
+    parser.add_argument("-u", "--user", action="append",
+                        help="import only this user (repeatable)")  # fmt: skip
+    parser.add_argument("maildir_root", metavar="MAILDIR_ROOT")
+    _HANDLERS["pg-import"] = _pg_import
+
+
+def _pg_adduser(args: argparse.Namespace) -> int:
+    pg = _pgstore("pg-adduser")
+    if pg is None:
+        return 2
+    scheme = str(args.scheme).upper()
+    if scheme not in HASH_SCHEMES:
+        return _error("pg-adduser", f"unknown scheme {args.scheme!r}; use one of "
+                                    f"{', '.join(HASH_SCHEMES)}")  # fmt: skip
+    if (problem := user_name_problem(args.user)) is not None:
+        return _error("pg-adduser", problem)
+    password: str | None = args.password
+    if password is None:
+        try:
+            password = getpass.getpass("Enter new password: ")
+            again = getpass.getpass("Retype new password: ")
+        except EOFError:
+            return _error("pg-adduser", "no password given")
+        if password != again:
+            return _error("pg-adduser", "passwords don't match")
+        if not password:
+            return _error("pg-adduser", "empty password")
+    try:
+        field = hash_password(password, scheme, rounds=args.rounds)
+    except ValueError as exc:
+        return _error("pg-adduser", str(exc))
+    except RuntimeError as exc:
+        return _error("pg-adduser", str(exc), 1)
+    try:
+        stored = pg.add_user(args.db, args.user, field, replace=args.update)
+    except Exception as exc:
+        return _pg_failure("pg-adduser", exc)
+    if not stored:
+        return _error("pg-adduser", f"user {args.user!r} exists (use --update to change "
+                                    "the password)")  # fmt: skip
+    return 0
+
+
+def _add_pg_adduser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "pg-adduser",
+        help="add a user to the PostgreSQL users table",
+        description="Hash a password (as the passwd command does) and store USER with it. "
+        "Without -p, the password is asked for twice.",
+    )
+    parser.add_argument("--db", required=True, metavar="CONNINFO", help=_DB_HELP)
+    schemes = ", ".join(HASH_SCHEMES)
+    parser.add_argument("-s", "--scheme", default="SHA512-CRYPT",
+                        help=f"one of {schemes} (default SHA512-CRYPT)")  # fmt: skip
+    parser.add_argument("-p", "--password", help="the password (visible to other users: "
+                        "prefer the prompt)")  # fmt: skip
+    parser.add_argument("-r", "--rounds", type=int,
+                        help="rounds, cost or iterations for the scheme")  # fmt: skip
+    parser.add_argument("--update", action="store_true",
+                        help="change the password of an existing user")  # fmt: skip
+    parser.add_argument("user", metavar="USER")
+    _HANDLERS["pg-adduser"] = _pg_adduser
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=_PROG, description="pop3proto tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_passwd(commands)
+    _add_pg_migrate(commands)
+    _add_pg_adduser(commands)
+    _add_pg_import(commands)
+    _add_deliver(commands)
     return parser
 
 

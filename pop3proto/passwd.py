@@ -47,7 +47,10 @@ __all__ = [
     "HashVerifier",
     "PasswdFile",
     "ScramVerifier",
+    "dummy_for",
+    "hash_cost",
     "hash_password",
+    "parse_secret",
     "sha_crypt",
     "user_name_problem",
 ]
@@ -260,7 +263,7 @@ def _parse_scram(value: str) -> ScramSecret | None:
     return ScramSecret(salt=salt, iterations=iterations, stored_key=stored, server_key=server)
 
 
-def _parse_secret(secret: str, *, bare_is_plain: bool) -> Verifier | str:
+def parse_secret(secret: str, *, bare_is_plain: bool) -> Verifier | str:
     """The verifier for a password field, or what is wrong with it."""
     scheme, value = "PLAIN", secret
     if secret.startswith("{"):
@@ -308,7 +311,7 @@ _FAKE_B64 = "Kq8vN3xR0tYc5WmJ2hLs9dFgP6bZaE4uQ1oIyT7nVwE"  # 32 bytes, unpadded 
 _FAKE_BCRYPT = "oh1vq.G/cwmYZa6c6jSIp.2CRvcoy9HUI/DbqEG.8T4ImJ8w0NP1K"  # of a lost random key
 
 
-def _cost(v: Verifier) -> tuple[str, str]:
+def hash_cost(v: Verifier) -> tuple[str, str]:
     """(scheme, cost parameters) of an entry: what a dummy must copy to take as long."""
     if isinstance(v, ScramVerifier):
         return "SCRAM-SHA-256", str(v.secret.iterations)
@@ -322,8 +325,8 @@ def _cost(v: Verifier) -> tuple[str, str]:
     return v.scheme, "" if parsed is None or parsed[1] is None else str(parsed[1])
 
 
-def _dummy(scheme: str, params: str) -> Verifier:
-    """A verifier of *scheme* with the cost *params* (from ``_cost``) that matches nothing."""
+def dummy_for(scheme: str, params: str) -> Verifier:
+    """A verifier of *scheme* with the cost *params* (from ``hash_cost``) that matches nothing."""
     if scheme == "SCRAM-SHA-256":
         key = hashlib.sha256(_FAKE_B64.encode()).digest()
         keys = ScramSecret(salt=_FAKE_SALT.encode(), iterations=int(params),
@@ -365,7 +368,7 @@ class _Users:
         first: dict[str, str] = {}
         errors: list[str] = []
         for where, user, secret in rows:
-            parsed = _parse_secret(secret, bare_is_plain=bare_is_plain)
+            parsed = parse_secret(secret, bare_is_plain=bare_is_plain)
             problem = user_name_problem(user)
             if problem is None and not secret:
                 problem = f"no password for user {user!r}"
@@ -427,13 +430,13 @@ class _Users:
         """
         self._refresh()
         if self._dummy is None:
-            costs = Counter(_cost(v) for v in self._users.values())
+            costs = Counter(hash_cost(v) for v in self._users.values())
             schemes: Counter[str] = Counter()
             for (scheme, _), n in costs.items():
                 schemes[scheme] += n
             top = schemes.most_common(1)[0][0] if schemes else "SHA512-CRYPT"
             params = [p for (s, p), _ in costs.most_common() if s == top]
-            self._dummy = _dummy(top, params[0] if params else "")
+            self._dummy = dummy_for(top, params[0] if params else "")
         return self._dummy
 
 
