@@ -14,8 +14,8 @@ the facade turns them into ``-ERR [IN-USE]`` / ``-ERR [SYS/TEMP]``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
-from typing import BinaryIO, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, BinaryIO, Protocol, TypeVar, runtime_checkable
 
 from ._maildrop import MessageInfo
 from .auth import Verifier
@@ -24,11 +24,25 @@ Found = tuple[Verifier, str] | None
 
 __all__ = [
     "Authenticator",
+    "nonblocking",
     "MailboxLocked",
     "MessageGone",
     "Storage",
     "StorageError",
 ]
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def nonblocking(fn: _F) -> _F:
+    """Mark a callback as fast enough to run on an event loop (no thread hop).
+
+    The anyio transport runs every other synchronous callback in a worker
+    thread; a hop costs far more than, say, opening a file in the page cache.
+    """
+    fn.nonblocking = True  # type: ignore[attr-defined]
+    return fn
 
 
 class StorageError(Exception):

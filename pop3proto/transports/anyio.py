@@ -51,7 +51,8 @@ __all__ = ["main", "serve", "start"]
 _RECV = 65536
 _FINAL = 5.0  # the most a last reply (timeout, protocol error, shutdown) may take to send
 _IO_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
-_INLINE_TYPES = (MemoryStorage, io.BytesIO, PlainVerifier)
+# Reads of a regular file already opened (a message body) are page-cache fast.
+_INLINE_TYPES = (MemoryStorage, io.BytesIO, io.BufferedReader, io.FileIO, PlainVerifier)
 
 
 class _StepFailed(Exception):
@@ -117,6 +118,7 @@ class _Client:
             inspect.iscoroutinefunction(fn)
             or type(owner) in _INLINE_TYPES
             or getattr(owner, "nonblocking", False) is True
+            or getattr(fn, "nonblocking", False) is True
         ):
             result = fn(*step.args)
         else:
@@ -320,6 +322,7 @@ class _Handle:
         self.ports = self.service.ports
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._shutdown: anyio.Event | None = None
         self._thread = threading.Thread(
             target=self._run, args=(backend,), daemon=True, name=f"pop3proto-anyio-{backend}"
         )
@@ -342,9 +345,13 @@ class _Handle:
             self._ready.set()
 
     async def _main(self) -> None:
+        # The loop lives until join(), not until the last session ends, so
+        # stop_listening() and the killers can always reach it.
+        self._shutdown = anyio.Event()
         async with anyio.create_task_group() as tg:
             await tg.start(self.service.run)
             self._ready.set()
+            await self._shutdown.wait()
 
     def stop_listening(self) -> None:
         """Close the listeners (from any thread; returns once they are closed)."""
@@ -356,6 +363,10 @@ class _Handle:
                 anyio.from_thread.run(service.stop_listening, token=service.token)
 
     def join(self, timeout: float | None = None) -> bool:
+        """End the loop once its sessions are gone; wait for its thread."""
+        with contextlib.suppress(RuntimeError):
+            if self._shutdown is not None:
+                anyio.from_thread.run_sync(self._shutdown.set, token=self.service.token)
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
