@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import enum
 import unicodedata
+from collections.abc import Callable
 from typing import Final, NoReturn
 
 from ._config import PLAINTEXT_MECHANISMS, Config
@@ -118,31 +119,6 @@ class Connection:
         self._login_delay = self.config.login_delay
         self._expire = self.config.expire
         self.stats = Stats()
-        self._handlers = {
-            Phase.AUTHORIZATION: {
-                b"USER": self._cmd_user,
-                b"PASS": self._cmd_pass,
-                b"APOP": self._cmd_apop,
-                b"AUTH": self._cmd_auth,
-                b"STLS": self._cmd_stls,
-                b"UTF8": self._cmd_utf8,
-                b"CAPA": self._cmd_capa,
-                b"QUIT": self._cmd_quit,
-            },
-            Phase.TRANSACTION: {
-                b"STAT": self._cmd_stat,
-                b"LIST": self._cmd_list,
-                b"UIDL": self._cmd_uidl,
-                b"RETR": self._cmd_retr,
-                b"TOP": self._cmd_top,
-                b"DELE": self._cmd_dele,
-                b"RSET": self._cmd_rset,
-                b"NOOP": self._cmd_noop,
-                b"QUIT": self._cmd_quit,
-                b"CAPA": self._cmd_capa,
-            },
-        }
-        assert all(set(h) == COMMANDS[p] for p, h in self._handlers.items())
 
     # ------------------------------------------------------------ state
 
@@ -416,7 +392,7 @@ class Connection:
             self._trace_command(keyword, rest)
         if self._user is not None and keyword != b"PASS":
             self._user = None  # RFC 1939: PASS only immediately after a successful USER
-        handler = self._handlers[self._phase].get(keyword)
+        handler = _HANDLERS[self._phase].get(keyword)
         if handler is None:
             if config.trace is not None and keyword not in KNOWN_COMMANDS:
                 # Could be a SASL answer sent after a refused AUTH: never echo it.
@@ -426,7 +402,7 @@ class Connection:
             else:
                 self._bad_command("Unknown command.")
             return None
-        return handler(rest)
+        return handler(self, rest)
 
     def _trace_command(self, keyword: bytes, rest: bytes) -> None:
         assert self.config.trace is not None
@@ -785,3 +761,31 @@ class Connection:
             out = stuffer.feed(chunk)
             self._out.append(out)
             self._out_len += len(out)
+
+
+# The command table, one per phase; the keys are exactly _state.COMMANDS.
+_HANDLERS: dict[Phase, dict[bytes, Callable[[Connection, bytes], Event | None]]] = {
+    Phase.AUTHORIZATION: {
+        b"USER": Connection._cmd_user,
+        b"PASS": Connection._cmd_pass,
+        b"APOP": Connection._cmd_apop,
+        b"AUTH": Connection._cmd_auth,
+        b"STLS": Connection._cmd_stls,
+        b"UTF8": Connection._cmd_utf8,
+        b"CAPA": Connection._cmd_capa,
+        b"QUIT": Connection._cmd_quit,
+    },
+    Phase.TRANSACTION: {
+        b"STAT": Connection._cmd_stat,
+        b"LIST": Connection._cmd_list,
+        b"UIDL": Connection._cmd_uidl,
+        b"RETR": Connection._cmd_retr,
+        b"TOP": Connection._cmd_top,
+        b"DELE": Connection._cmd_dele,
+        b"RSET": Connection._cmd_rset,
+        b"NOOP": Connection._cmd_noop,
+        b"QUIT": Connection._cmd_quit,
+        b"CAPA": Connection._cmd_capa,
+    },
+}
+assert all(set(h) == COMMANDS[p] for p, h in _HANDLERS.items())

@@ -15,7 +15,11 @@ bare CR, which the encoder completes to CRLF).  Dot-stuffing is not counted
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["DotStuffer", "TopLimiter", "WireSizer", "status_line", "wire_size"]
+
+_DOT_LINE = re.compile(rb"\n\.")
 
 
 def status_line(ok: bool, text: str, code: str | None = None) -> bytes:
@@ -93,7 +97,7 @@ class DotStuffer:
             out = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         else:
             out = chunk.replace(b"\n", b"\r\n")
-        out = out.replace(b"\n.", b"\n..")
+        out = _DOT_LINE.sub(b"\n..", out)  # one pass; bytes.replace searches twice
         if self._at_line_start and out[0] == 46:  # "."
             out = b"." + out
         last = out[-1]

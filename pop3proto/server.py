@@ -372,6 +372,8 @@ class Session:
         self.mailbox: str | None = None
         self.locked = False
         self.user: str | None = None
+        #: The last name a login was tried with (for the logout line; never a password).
+        self.attempted_user: str | None = None
         self.retr_octets = 0
         self.end_reason = "Disconnected"
         self._apop_ts: str | None = None
@@ -470,6 +472,7 @@ class Session:
         return found  # type: ignore[no-any-return]
 
     def _password_login(self, name: str, password: str) -> Steps:
+        self.attempted_user = name
         found = yield from self._lookup(name)
         if found is None:
             dummy = yield Call(self.server._dummy_verifier)
@@ -701,7 +704,9 @@ class Session:
         s = self.conn.stats
         return (
             f"session={self.id} peer={self.peer[0]}:{self.peer[1]} "
-            f"user={self.conn.username or self.user or '-'} reason={self.end_reason!r} "
+            f"user={self.conn.username or self.user or '-'} "
+            + (f"tried={self.attempted_user!r} " if self.attempted_user and not self.user else "")
+            + f"reason={self.end_reason!r} "
             f"commands={s.commands} retr={s.retrieved}/{self.retr_octets} del={s.deleted} "
             f"in={s.bytes_in} out={s.bytes_out} "
             f"duration={time.monotonic() - self._t0:.3f}s"

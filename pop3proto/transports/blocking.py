@@ -29,7 +29,7 @@ from pop3proto.server import (
 
 __all__ = ["main", "serve", "start"]
 
-_RECV = 65536
+_RECV = 16384  # a waiting thread holds a buffer this big: keep idle sessions small
 
 
 def _once(step: Step) -> Steps:
