@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .auth import PlainVerifier, ScramSecret, Verifier
+from .storage import nonblocking
 
 __all__ = [
     "DictAuthenticator",
@@ -405,11 +406,13 @@ class _Users:
         self._refresh()
         return self._has_scram
 
+    @nonblocking  # a stat of the file and a dict lookup
     def exists(self, name: str) -> bool:
         """Whether *name* is a user with a usable entry."""
         self._refresh()
         return name in self._users
 
+    @nonblocking
     def lookup(self, name: str) -> tuple[Verifier, str] | None:
         """(verifier, mailbox reference = the user name) for *name*, or None if unknown."""
         self._refresh()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import math
 import os
 import socket
 import threading
@@ -44,7 +45,7 @@ from pop3proto import NEED_DATA, PAUSED, ConnectionClosed, Data, Phase, RemotePr
 from pop3proto.auth import PlainVerifier
 from pop3proto.memstore import MemoryStorage
 from pop3proto.proxy import MAX_HEADER, V2_SIGNATURE, parse_proxy_header
-from pop3proto.server import START_TLS, Call, Server, Sleep, Step, Steps
+from pop3proto.server import START_TLS, Call, Server, Sleep, Steps
 
 __all__ = ["main", "serve", "start"]
 
@@ -57,10 +58,6 @@ _INLINE_TYPES = (MemoryStorage, io.BytesIO, io.BufferedReader, io.FileIO, PlainV
 
 class _StepFailed(Exception):
     """The session's step generator raised (a storage read error mid-RETR, a bug)."""
-
-
-def _once(step: Step) -> Steps:
-    yield step
 
 
 async def _proxied_peer(server: Server, stream: ByteStream, peer: Any) -> Any:
@@ -92,24 +89,36 @@ class _Client:
         self.stream: ByteStream = raw
         self.session = server.open_session(peer, tls=tls)
         self.conn = self.session.conn
+        self.watchdog = anyio.CancelScope()
+
+    def arm(self) -> None:
+        """Restart the idle timer: one long-lived scope whose deadline moves.
+
+        (A ``fail_after`` per read and per write costs more than the work.)
+        """
+        timeout = self.session.idle_timeout()
+        self.watchdog.deadline = anyio.current_time() + timeout if timeout else math.inf
 
     async def flush(self, timeout: float | None = None) -> None:
         data = self.conn.data_to_send()
-        if data:
-            with anyio.fail_after(timeout or self.session.idle_timeout() or None):
+        if not data:
+            return
+        if timeout is None:
+            self.arm()
+            await self.stream.send(data)
+        else:
+            with anyio.fail_after(timeout):
                 await self.stream.send(data)
 
-    async def receive(self) -> bool:
-        """Feed the client's next bytes (b"" at EOF) to the core; False if it stayed idle."""
-        with anyio.move_on_after(self.session.idle_timeout() or None):
-            try:
-                data = await self.stream.receive(_RECV)
-            except anyio.EndOfStream:
-                data = b""
-            self.session.touch()
-            self.conn.receive_data(data)
-            return True
-        return False
+    async def receive(self) -> None:
+        """Feed the client's next bytes (b"" at EOF) to the core."""
+        self.arm()
+        try:
+            data = await self.stream.receive(_RECV)
+        except anyio.EndOfStream:
+            data = b""
+        self.session.touch()
+        self.conn.receive_data(data)
 
     async def call(self, step: Call) -> Any:
         fn = step.fn
@@ -166,6 +175,14 @@ class _Client:
             )
 
     async def run(self) -> None:
+        with self.watchdog:
+            await self.serve()
+        if self.watchdog.cancelled_caught:  # the idle timer fired: no update (RFC 1939)
+            with contextlib.suppress(Exception):
+                self.conn.send(self.session.timed_out())
+                await self.flush(_FINAL)
+
+    async def serve(self) -> None:
         conn, session = self.conn, self.session
         try:
             if self.tls:
@@ -175,10 +192,7 @@ class _Client:
                 event = conn.next_event()
                 if event is NEED_DATA:
                     await self.flush()
-                    if not await self.receive():
-                        await self.run_steps(_once(session.timed_out()))
-                        await self.flush(_FINAL)
-                        return
+                    await self.receive()
                 elif event is PAUSED:  # over the output high-water mark: drain
                     if conn.pending is not None:
                         raise RuntimeError(f"event left unanswered: {conn.pending!r}")
