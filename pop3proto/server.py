@@ -379,6 +379,7 @@ class Session:
         self._apop_ts: str | None = None
         self._mech: _sasl.Mechanism | None = None
         self._scram_user: str | None = None
+        self._oauth_failed = False
         self._killer: Callable[[], None] | None = None
 
     # -- transport hooks
@@ -515,6 +516,11 @@ class Session:
         if mech is None:  # pragma: no cover - the core only sends AuthResponse mid-exchange
             yield Err(text="No authentication in progress.")
             return
+        if self._oauth_failed:
+            self._oauth_failed = False
+            self._mech = None
+            yield from self._fail()
+            return
         if self._scram_user is not None:
             # The client acknowledged the SCRAM server-final message.
             name, self._scram_user = self._scram_user, None
@@ -578,7 +584,11 @@ class Session:
                 self.server._log_error(self, "oauth check failed", exc)
         found = (yield from self._lookup(step.username)) if ok else None
         if found is None:
-            yield from self._fail()
+            # RFC 7628 s3.2.2: a failure is a JSON challenge the client acknowledges
+            # (with 0x01) before the -ERR; clients read "status" to refresh tokens.
+            self._oauth_failed = True
+            self._mech = mech
+            yield SaslChallenge(data=b'{"status":"invalid_token","schemes":"bearer"}')
             return
         yield from self._open(step.username, found[1])
 

@@ -927,8 +927,11 @@ def test_sasl_oauth(client: Client, mech: str) -> None:
             return b64(f"user={user}\x01auth=Bearer {token}\x01\x01")
         return b64(f"n,a={user},\x01host={HOST}\x01port=110\x01auth=Bearer {token}\x01\x01")
 
-    assert is_auth_err(client.cmd(f"AUTH {mech} {message('alice', 'bad')}"))
-    assert is_auth_err(client.cmd(f"AUTH {mech} {message('nobody', 'good')}"))
+    for user, token in (("alice", "bad"), ("nobody", "good")):
+        # RFC 7628 s3.2.2: the failure comes as a JSON challenge the client acknowledges.
+        status = challenge(client.cmd(f"AUTH {mech} {message(user, token)}"))
+        assert b'"status":"invalid_token"' in status
+        assert is_auth_err(client.cmd("AQ=="))
     assert challenge(client.cmd(f"AUTH {mech}")) == b""
     assert client.cmd(message("alice", "good")).startswith(b"+OK")
     assert_logged_in(client, ALICE_MSGS)
