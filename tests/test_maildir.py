@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
+import json
 import logging
 import os
 import signal
@@ -585,3 +587,250 @@ def test_leftover_journal_written_after_lock_is_finished_by_scan(tmp_path: Path)
     assert store.lock("alice")
     (tmp_path / "alice" / "pop3proto-journal").write_bytes(f"cur/{T0}.M1P1.h:2,S\0".encode())
     assert store.scan("alice") == []
+
+
+# -- the listing cache -------------------------------------------------------------
+
+
+def age(root: Path, user: str = "alice", seconds: int = 10) -> None:
+    """Set the mtimes of new/ and cur/ back: a listing taken now is then reusable."""
+    for sub in ("new", "cur"):
+        p = root / user / sub
+        t = p.stat().st_mtime_ns - seconds * 1_000_000_000
+        os.utime(p, ns=(t, t))
+
+
+@contextmanager
+def count_lists(root: Path) -> Iterator[list[str]]:
+    """Record every os.scandir/os.listdir of a directory under *root*."""
+    seen: list[str] = []
+    mp = pytest.MonkeyPatch()
+    for name in ("scandir", "listdir"):
+        real = getattr(os, name)
+
+        def spy(path: Any = ".", *, _real: Any = real) -> Any:
+            if str(os.fspath(path)).startswith(str(root)):
+                seen.append(os.fspath(path))
+            return _real(path)
+
+        mp.setattr(os, name, spy)
+    try:
+        yield seen
+    finally:
+        mp.undo()
+
+
+def fill(root: Path, store: MaildirStorage, n: int = 40) -> None:
+    """Half with Dovecot's ,S=/,W= fields (delivered), half bare names (to be measured)."""
+    for i in range(n // 2):
+        store.deliver("alice", b"delivered %d\n" % i)
+        put(root, f"{T0 + i}.M{i}P1.h:2,", b"bare\n" * (i + 1))
+
+
+def test_stable_listing_is_reused_without_listing(tmp_path: Path, store: MaildirStorage) -> None:
+    fill(tmp_path, store)
+    expected = [(m.key, m.size, m.uid) for m in session(store)]  # moves new/ to cur/
+    store.unlock("alice")
+    age(tmp_path)
+    restarted = MaildirStorage(tmp_path)
+    assert [(m.key, m.size, m.uid) for m in session(restarted)] == expected  # a stable listing
+    restarted.unlock("alice")
+    cache = tmp_path / "alice" / "pop3proto-cache"
+    stamp = cache.stat().st_mtime_ns
+    for _ in range(2):  # a restart (the cache file), then the same instance (memory)
+        fresh = MaildirStorage(tmp_path)
+        with count_lists(tmp_path) as listed, count_opens(tmp_path) as opened:
+            assert [(m.key, m.size, m.uid) for m in session(fresh)] == expected
+            fresh.unlock("alice")
+            assert [(m.key, m.size, m.uid) for m in session(fresh)] == expected
+        assert listed == []
+        assert opened == []
+        fresh.unlock("alice")
+    assert cache.stat().st_mtime_ns == stamp
+    session(fresh)
+    for key, size, _ in expected:
+        with fresh.get("alice", key) as f:
+            assert wire_size(f.read()) == size
+
+
+def test_listing_taken_within_a_second_of_a_change_is_not_reused(
+    tmp_path: Path, store: MaildirStorage
+) -> None:
+    fill(tmp_path, store)
+    session(store)
+    store.unlock("alice")
+    future = (tmp_path / "alice" / "cur").stat().st_mtime_ns + 60 * 1_000_000_000
+    os.utime(tmp_path / "alice" / "cur", ns=(future, future))  # "just changed", for a minute
+    first = [(m.key, m.size) for m in session(store)]
+    store.unlock("alice")
+    for fresh in (store, MaildirStorage(tmp_path)):
+        with count_lists(tmp_path) as listed, count_opens(tmp_path) as opened:
+            assert [(m.key, m.size) for m in session(fresh)] == first
+        fresh.unlock("alice")
+        assert any(p.endswith("cur") for p in listed)
+        assert opened == []  # the sizes still come from the cache
+
+
+def test_changes_invalidate_a_stable_listing(tmp_path: Path, store: MaildirStorage) -> None:
+    fill(tmp_path, store, 4)
+    session(store)
+    store.unlock("alice")
+    age(tmp_path)
+    keys = [m.key for m in session(store)]
+    store.unlock("alice")
+
+    late = store.deliver("alice", b"late\n")  # new/ changes
+    assert [m.key for m in session(store)][-1] == late
+    store.unlock("alice")
+    age(tmp_path)
+    session(store)
+    store.unlock("alice")
+
+    cur = tmp_path / "alice" / "cur"
+    bare = next(k for k in keys if ",W=" not in k)
+    os.rename(cur / (bare + ":2,"), cur / (bare + ":2,S"))  # cur/ changes
+    session(store)
+    assert store.path("alice", bare) == str(cur / (bare + ":2,S"))
+    store.unlock("alice")
+    age(tmp_path)
+    session(store)
+    store.unlock("alice")
+
+    (tmp_path / "alice" / "dovecot-uidlist").write_bytes(  # only the UID list changes
+        b"3 V77 N9\n8 :" + bare.encode() + b":2,S\n"
+    )
+    restarted = MaildirStorage(tmp_path)
+    uids = {m.key: m.uid for m in session(restarted)}
+    restarted.unlock("alice")
+    assert uids[bare] == f"{8:08X}{77:08X}"
+    uids = {m.key: m.uid for m in session(store)}  # the memory copy is refused too
+    assert uids[bare] == f"{8:08X}{77:08X}"
+
+
+def test_removing_the_cache_file_forces_a_rescan(tmp_path: Path, store: MaildirStorage) -> None:
+    fill(tmp_path, store)
+    session(store)
+    store.unlock("alice")
+    age(tmp_path)
+    session(store)
+    store.unlock("alice")
+    (tmp_path / "alice" / "pop3proto-cache").unlink()
+    with count_lists(tmp_path) as listed, count_opens(tmp_path) as opened:
+        session(store)
+    assert any(p.endswith("cur") for p in listed)
+    assert len(opened) == 20
+
+
+def test_memory_copy_follows_the_cache_file(tmp_path: Path, store: MaildirStorage) -> None:
+    fill(tmp_path, store)
+    session(store)
+    store.unlock("alice")
+    age(tmp_path)
+    expected = [(m.key, m.size) for m in session(store)]
+    store.unlock("alice")
+    cache = tmp_path / "alice" / "pop3proto-cache"
+    st = cache.stat()
+    with open(cache, "r+b") as f:  # same size, inode and mtime: the memory copy is used
+        f.write(b"x" * st.st_size)
+    os.utime(cache, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert [(m.key, m.size) for m in session(store)] == expected
+    store.unlock("alice")
+    assert [(m.key, m.size) for m in session(MaildirStorage(tmp_path))] == expected
+
+
+def damage_first_path(data: bytes) -> bytes:
+    lines = data.split(b"\n")
+    n = int(lines[0].split(b"\t")[3])
+    lines[1 + n] = b"cur/../../outside/cur/elsewhere"
+    return b"\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda b: b[: len(b) // 2], lambda b: b.replace(b"\t1\t", b"\t1\tx", 1), damage_first_path],
+    ids=["truncated", "bad-header", "path-outside"],
+)
+def test_damaged_cache_is_ignored_with_a_warning(
+    tmp_path: Path,
+    store: MaildirStorage,
+    caplog: pytest.LogCaptureFixture,
+    damage: Callable[[bytes], bytes],
+) -> None:
+    fill(tmp_path, store)
+    session(store)
+    store.unlock("alice")
+    age(tmp_path)
+    expected = [(m.key, m.size, m.uid) for m in session(store)]
+    store.unlock("alice")
+    put(tmp_path, "elsewhere", b"not alice's\n", user="outside")
+    cache = tmp_path / "alice" / "pop3proto-cache"
+    cache.write_bytes(damage(cache.read_bytes()))
+    fresh = MaildirStorage(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="pop3proto.maildir"):
+        assert [(m.key, m.size, m.uid) for m in session(fresh)] == expected
+    assert any("pop3proto-cache" in r.getMessage() for r in caplog.records)
+    assert all(fresh.path("alice", k).startswith(str(tmp_path / "alice")) for k, _, _ in expected)
+
+
+def test_version_1_cache_is_replaced_silently(
+    tmp_path: Path, store: MaildirStorage, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = put(tmp_path, f"{T0}.M1P1.h:2,", b"abc\n")
+    st = path.stat()
+    entry = [999, st.st_size, st.st_mtime_ns, st.st_ino]
+    (tmp_path / "alice" / "pop3proto-cache").write_text(
+        json.dumps({"version": 1, "entries": {f"{T0}.M1P1.h": entry}})
+    )
+    with caplog.at_level(logging.WARNING, logger="pop3proto.maildir"):
+        assert [m.size for m in session(store)] == [5]
+    assert caplog.records == []
+    assert (tmp_path / "alice" / "pop3proto-cache").read_bytes().startswith(b"pop3proto-cache\t2")
+
+
+def test_name_with_a_newline(tmp_path: Path, store: MaildirStorage) -> None:
+    fill(tmp_path, store)
+    odd = f"{T0 + 99}.M1P1.line\nbreak"
+    put(tmp_path, odd + ":2,", b"odd\n")
+    for _ in range(3):
+        infos = {m.key: m for m in session(store)}
+        store.unlock("alice")
+        age(tmp_path)
+        assert len(infos) == 41
+        assert infos[odd].size == 5
+        assert infos[odd].uid == hashlib.md5(odd.encode()).hexdigest()
+    with count_lists(tmp_path) as listed:  # such a listing is never reused
+        session(MaildirStorage(tmp_path))
+    assert listed != []
+
+
+def test_s_field_alone_is_not_a_size(tmp_path: Path, store: MaildirStorage) -> None:
+    put(tmp_path, f"{T0}.M1P1.h,S=6:2,", b"hello\n")
+    put(tmp_path, f"{T0}.M2P1.h,S=6,W=oops,W=9:2,", b"hello\n")
+    put(tmp_path, f"{T0}.M3P1.h,S=\u00b2,W=5:2,", b"hello\n")  # not a decimal digit: no S=
+    assert [m.size for m in session(store)] == [7, 9, 5]
+
+
+@pytest.mark.parametrize("read", [1, 2, 7, 4096])
+def test_measuring_in_small_reads(
+    tmp_path: Path, store: MaildirStorage, monkeypatch: pytest.MonkeyPatch, read: int
+) -> None:
+    monkeypatch.setattr("pop3proto.maildir._READ_MAX", read)
+    monkeypatch.setattr("pop3proto.maildir._CHUNK", read)
+    for i, kind in enumerate(sorted(BODIES)):
+        put(tmp_path, f"{T0 + i}.M1P1.h:2,", BODIES[kind])
+    assert [m.size for m in session(store)] == [wire_size(BODIES[k]) for k in sorted(BODIES)]
+    store.unlock("alice")
+
+
+def test_get_is_unbuffered_nonblocking_and_opens_directly(
+    tmp_path: Path, store: MaildirStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = store.deliver("alice", b"hello\n")
+    session(store)
+    assert getattr(MaildirStorage.get, "nonblocking", False) is True
+    assert getattr(store.get, "nonblocking", False) is True
+    monkeypatch.setattr(os.path, "lexists", lambda p: pytest.fail("lexists called"))
+    with count_lists(tmp_path) as listed, store.get("alice", key) as f:
+        assert type(f) is io.FileIO
+        assert f.read(65536) == b"hello\n"
+    assert listed == []
