@@ -486,6 +486,7 @@ class Connection:
     def _cmd_pass(self, rest: bytes) -> Event | None:
         # RFC 1939: the argument may contain spaces; it is the rest of the line.
         if not rest:
+            self._user = None  # a failed PASS ends the USER/PASS pair too
             self._bad_command("Syntax error.")
             return None
         self._bad = 0

@@ -1760,3 +1760,10 @@ def test_pass_only_immediately_after_user(conn: Connection, between: bytes) -> N
     chat(conn, between)
     assert chat(conn, b"PASS secret\r\n") == W(R.NO_USERNAME)
     assert conn.pending is None
+
+
+def test_a_malformed_pass_ends_the_user_pass_pair(conn: Connection) -> None:
+    assert chat(conn, b"USER mrose\r\n") == W(R.OK)
+    assert chat(conn, b"PASS\r\n") == W(R.SYNTAX)
+    assert chat(conn, b"PASS secret\r\n") == W(R.NO_USERNAME)
+    assert conn.pending is None
