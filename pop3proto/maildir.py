@@ -52,7 +52,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ._maildrop import MessageInfo, valid_uid
 from ._writers import wire_size
@@ -80,9 +80,21 @@ _Sizes = dict[str, tuple[int, int, int, int]]  # key -> (wire size, st_size, st_
 _FileId = tuple[int, int, int]  # st_mtime_ns, st_size, st_ino
 _NO_FILE: _FileId = (-1, -1, -1)
 _WFLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-_RFLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+# O_NOFOLLOW: a symlink in a maildrop is never a message (the server may run as
+# root; a link to /etc/shadow must not be served).
+_RFLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
 _counter = itertools.count(1)
 _counter_lock = threading.Lock()
+
+
+class _SafeLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Warnings about odd files must never fail a scan: a raising handler is ignored."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().log(level, msg, *args, **kwargs)
+        except Exception:
+            pass
 
 
 def valid_mailbox_name(name: str) -> bool:
@@ -405,7 +417,7 @@ class MaildirStorage:
     ) -> None:
         self.root = os.fspath(root)
         self.create = create
-        self._log = logger if logger is not None else logging.getLogger(__name__)
+        self._log = _SafeLog(logger if logger is not None else logging.getLogger(__name__), {})
         self._mutex = threading.Lock()
         self._held: dict[str, _Held] = {}
         # Stable listings with their cache file's identity, least recently used first.
@@ -712,7 +724,7 @@ class MaildirStorage:
                 s, comma, w = fields[2:].partition(",W=")
                 if fields[:2] == "S=" and comma and s.isdigit() and w.isdigit() and key.isascii():
                     try:
-                        st = entry.stat()
+                        st = entry.stat(follow_symlinks=False)
                     except OSError:
                         st = None
                     if st is not None and st.st_size == int(s) and stat.S_ISREG(st.st_mode):
@@ -769,7 +781,7 @@ class MaildirStorage:
             if name[0] == "." or not name.partition(":")[0]:
                 continue
             try:
-                regular = entry.is_file()
+                regular = entry.is_file(follow_symlinks=False)
             except OSError as e:
                 self._log.warning("skipping %r: %s", f"new/{name}", e.strerror or e)
                 continue
@@ -799,7 +811,7 @@ class MaildirStorage:
         hit = None
         try:
             if w >= 0 and s < 0:  # nothing to check the trusted ,W= against
-                if entry.is_file():  # no system call for a plain file
+                if entry.is_file(follow_symlinks=False):  # no system call for a plain file
                     return w
                 self._skip(path, "not a regular file")
                 return None
@@ -807,8 +819,8 @@ class MaildirStorage:
             if w < 0 and hit is None and entry.is_file(follow_symlinks=False):
                 st = None  # a plain file to read: its fstat will do
             else:
-                st = entry.stat()
-        except OSError as e:  # a dangling symlink, a loop, no permission
+                st = entry.stat(follow_symlinks=False)  # a symlink is skipped below
+        except OSError as e:  # no permission, vanished
             self._skip(path, e.strerror or str(e))
             return None
         if st is not None:

@@ -36,6 +36,7 @@ import socket
 import ssl
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, Protocol
@@ -68,7 +69,7 @@ from ._maildrop import Maildrop, MessageInfo, valid_uid
 from ._state import Phase
 from ._writers import WireSizer
 from .auth import PlainVerifier, ScramSecret, Verifier, cram_md5_digest, verify_apop
-from .storage import MailboxLocked, StorageError
+from .storage import MailboxLocked
 
 __all__ = [
     "START_TLS",
@@ -402,8 +403,11 @@ class Session:
     def idle_timeout(self) -> float:
         """How long this session may stay silent now: shorter before login."""
         opts = self.server._options
-        if self.conn.phase in (Phase.GREETING, Phase.AUTHORIZATION):
-            return float(min(opts["login_timeout"], opts["idle_timeout"]) or opts["idle_timeout"])
+        if self.conn.phase in (Phase.GREETING, Phase.AUTHORIZATION) and opts["login_timeout"]:
+            # A deadline, not an idle timer: a byte now and then must not keep a
+            # connection that never logs in (pre-login slowloris).
+            left = self._t0 + opts["login_timeout"] - time.monotonic()
+            return float(max(0.001, min(left, opts["idle_timeout"] or left)))
         return float(opts["idle_timeout"])
 
     def timed_out(self) -> Disconnect:
@@ -462,7 +466,14 @@ class Session:
         yield Err(text=text, code="AUTH")
 
     def _lookup(self, name: str) -> Generator[Step, Any, tuple[Verifier, str] | None]:
+        penalty = self.server._auth_penalty(self.peer[0])
+        if penalty > 0:
+            # The last failure from this address has not served its delay (the
+            # client hung up on it): no new guess is checked before it has.
+            yield Sleep(penalty)
         auth = self.server._auth()
+        if not name.isascii():
+            name = unicodedata.normalize("NFKC", name)  # as USER after UTF8 does
         if auth is None or not _valid_user(name):
             return None
         try:
@@ -602,7 +613,7 @@ class Session:
                 locked = yield Call(storage.lock, (mailbox,))
             except MailboxLocked:
                 locked = False
-            except (StorageError, OSError) as exc:
+            except Exception as exc:  # any storage failure: [SYS/TEMP], logged
                 self.server._log_error(self, "lock failed", exc)
                 yield Err(text="Mailbox is temporarily unavailable.", code="SYS/TEMP")
                 return
@@ -612,7 +623,7 @@ class Session:
             self.mailbox, self.locked = mailbox, True
             try:
                 messages = yield Call(storage.scan, (mailbox,))
-            except (StorageError, OSError, ValueError) as exc:
+            except Exception as exc:  # any storage failure: [SYS/TEMP], logged
                 self.server._log_error(self, "scan failed", exc)
                 yield from self._release()
                 yield Err(text="Mailbox is temporarily unavailable.", code="SYS/TEMP")
@@ -628,7 +639,7 @@ class Session:
             return
         try:
             stream = yield Call(storage.get, (self.mailbox, event.key))
-        except (StorageError, OSError) as exc:
+        except Exception as exc:  # any storage failure: [SYS/TEMP], logged
             self.server._log_error(self, f"message {event.key} unavailable", exc)
             yield Err(text="Message is temporarily unavailable.", code="SYS/TEMP")
             return
@@ -637,7 +648,13 @@ class Session:
         try:
             yield Ok()
             while conn.wants_more_data:
-                chunk = yield Call(stream.read, (chunk_size,))
+                try:
+                    chunk = yield Call(stream.read, (chunk_size,))
+                except Exception as exc:  # after +OK no -ERR is possible: drop the connection
+                    self.server._log_error(self, f"reading message {event.key} failed", exc)
+                    self.end_reason = "Message read failed"
+                    yield Disconnect()
+                    return
                 if not chunk:
                     break
                 if isinstance(event, RetrieveMessage):
@@ -653,7 +670,7 @@ class Session:
         if event.deleted and storage is not None and self.mailbox is not None:
             try:
                 yield Call(storage.dele, (self.mailbox, event.deleted))
-            except (StorageError, OSError) as exc:
+            except Exception as exc:  # any storage failure: [SYS/TEMP], logged
                 self.server._log_error(self, "deleting messages failed", exc)
                 yield from self._release()
                 self.end_reason = "Logged out (deletion failed)"
@@ -723,6 +740,16 @@ class Session:
         )
 
 
+class _SafeLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger adapter that never raises: a broken log handler never kills a session."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().log(level, msg, *args, **kwargs)
+        except Exception:
+            pass
+
+
 def _load_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     """A server context for *cert*/*key* (None without a cert); raises if they don't load."""
     if not cert:
@@ -746,7 +773,12 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _valid_user(name: str) -> bool:
-    return 0 < len(name) <= 255 and not any(c in name for c in "/\\\x00") and ".." not in name
+    """The rule every login path applies before the authenticator sees a name."""
+    return (
+        0 < len(name) <= 255
+        and ".." not in name
+        and not any(c in "/\\" or ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name)
+    )
 
 
 # ------------------------------------------------------------------ server
@@ -767,7 +799,7 @@ class Server:
         self._sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
         self._per_address: dict[str, int] = {}
-        self._failures: dict[str, tuple[int, float]] = {}
+        self._failures: dict[str, tuple[int, float, float]] = {}
         self._state = "down"
         self._handle: TransportHandle | None = None
         self._bound: dict[str, int] = {}
@@ -847,9 +879,14 @@ class Server:
 
     @property
     def logger(self) -> logging.Logger:
-        """The logger sessions and transports write to."""
+        """The configured logger (add handlers here)."""
         logger: logging.Logger = self._options["logger"]
         return logger
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """What sessions and transports write to: the logger, but a failing handler is ignored."""
+        return _SafeLog(self.logger, {})
 
     # -- life cycle
 
@@ -1092,18 +1129,35 @@ class Server:
         base, cap = float(opts["auth_failure_delay"]), float(opts["auth_failure_delay_max"])
         now = time.monotonic()
         with self._lock:
-            count, last = self._failures.get(host, (0, now))
+            count, last, _ = self._failures.get(host, (0, now, now))
             if now - last > 300:
                 count = 0
             count += 1
-            self._failures[host] = (count, now)
+            delay = 0.0 if base <= 0 else float(min(base * 2 ** min(count - 1, 16), cap))
+            self._failures[host] = (count, now, now + delay)
             if len(self._failures) > 100_000:
                 oldest = sorted(self._failures.items(), key=lambda kv: kv[1][1])[:50_000]
                 for h, _ in oldest:
                     self._failures.pop(h, None)
-        if base <= 0:
-            return 0.0
-        return float(min(base * 2 ** min(count - 1, 16), cap))
+        return delay
+
+    def _auth_penalty(self, host: str) -> float:
+        """How long a new login attempt from *host* waits before it is checked.
+
+        While *host*'s last failed-login delay is not served (its client hung
+        up on it, or attempts run in parallel), each attempt waits for it and
+        pushes it on by one more delay, so parallel guesses queue up.
+        """
+        opts = self._options
+        base, cap = float(opts["auth_failure_delay"]), float(opts["auth_failure_delay_max"])
+        now = time.monotonic()
+        with self._lock:
+            entry = self._failures.get(host)
+            if entry is None or entry[2] <= now:
+                return 0.0
+            count, last, until = entry
+            self._failures[host] = (count, last, until + min(base * 2 ** min(count - 1, 16), cap))
+        return until - now
 
     def _auth_succeeded(self, host: str) -> None:
         with self._lock:

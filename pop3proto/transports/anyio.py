@@ -210,7 +210,7 @@ class _Client:
             conn.send_failed()
         except Exception as exc:  # _StepFailed, LocalProtocolError: log it, end the session
             conn.send_failed()
-            self.server.logger.error("session %s failed: %r", session.id, exc, exc_info=exc)
+            self.server.log.error("session %s failed: %r", session.id, exc, exc_info=exc)
 
     async def goodbye(self) -> None:
         """``serve()`` is being cancelled: say so if a reply can be sent (best effort)."""
@@ -350,7 +350,7 @@ class _Handle:
             anyio.run(self._main, backend=backend)
         except BaseException as exc:
             if self._ready.is_set():
-                self.service.server.logger.exception("anyio transport failed")
+                self.service.server.log.exception("anyio transport failed")
             else:
                 self._error = exc
                 for sock, _ in self.service.listeners:

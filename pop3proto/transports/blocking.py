@@ -165,7 +165,7 @@ class _Client:
             conn.send_failed()
         except Exception:
             conn.send_failed()
-            self.server.logger.exception("session %s failed", session.id)
+            self.server.log.exception("session %s failed", session.id)
         finally:
             if conn.phase is not Phase.CLOSED and session.end_reason == "Disconnected":
                 session.end_reason = "Connection closed by peer"

@@ -107,7 +107,7 @@ class _Loop:
                 for key, mask in self.sel.select(timeout):
                     key.data(mask)
         except Exception:
-            self.server.logger.exception("selectors loop failed")
+            self.server.log.exception("selectors loop failed")
         finally:
             self._stop()
             for c in list(self.clients):
@@ -161,7 +161,7 @@ class _Loop:
                 continue
             except OSError as exc:  # EMFILE and friends: pause accepting, don't spin
                 if not self.accept_failing:
-                    self.server.logger.warning("accept failed: %s", exc)
+                    self.server.log.warning("accept failed: %s", exc)
                 self.accept_failing = True
                 if not self.paused:
                     self.paused = True
@@ -238,7 +238,7 @@ class _Loop:
             self._close(c)
         except Exception as exc:  # the socket, TLS or the session's steps failed
             if not isinstance(exc, OSError):
-                self.server.logger.exception("session %s failed", c.session.id)
+                self.server.log.exception("session %s failed", c.session.id)
             self._kill(c)
         if c.closed:
             return

@@ -18,7 +18,7 @@ from clients import Raw, running
 
 from pop3proto.server import Server
 
-from .conftest import Figure, Mail, bug, make_mail
+from .conftest import Figure, Mail, make_mail
 
 USERS = {"alice": "alice-Secret-1", "bob": "bob-Secret-2"}
 
@@ -145,32 +145,6 @@ def guess(port: int, password: str, patience: float) -> bytes | None:
             return None  # a delayed reply means a failure: hang up, guess again
 
 
-def test_hanging_up_on_the_delay_guesses_at_full_speed(
-    transport: str, hashed: Mail, figure: Figure
-) -> None:
-    """What happens today: the delay is paid after the check, so a client that hangs up
-    when no answer comes at once is never slowed down (see the skipped test below)."""
-    # The cap is low so that the sessions still sleeping on their delay end soon after the
-    # test (the blocking transport's destroy cannot interrupt a Sleep).
-    options = hashed.options(auth_failure_delay=1.0, auth_failure_delay_max=2.0)
-    with running(transport, **options) as server:
-        port = server.cget("port")
-        t0 = time.monotonic()
-        wrong = [guess(port, f"guess-{i}", patience=0.15) for i in range(12)]
-        right = guess(port, USERS["alice"], patience=0.5)
-        took = time.monotonic() - t0
-    assert wrong == [None] * 12
-    assert right is not None
-    assert right.startswith(b"+OK")
-    figure("guesses_per_second_with_delay_1s", round(13 / took, 1))
-
-
-@bug(
-    "auth_failure_delay is served after the password check and only to the "
-    "failing connection; a client that hangs up when the reply is not immediate guesses "
-    "at full speed (about 6/s here with a 1 s delay), and a right guess after a dozen wrong ones "
-    "is accepted at once. Dovecot's auth penalty delays the next attempt from the address"
-)
 def test_failures_from_an_address_delay_its_next_attempt(transport: str, hashed: Mail) -> None:
     options = hashed.options(auth_failure_delay=1.0, auth_failure_delay_max=15.0)
     with running(transport, **options) as server:
