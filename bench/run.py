@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--servers",
         default=",".join(SERVER_ORDER),
-        help="comma-separated, from blocking, selectors, anyio, dovecot",
+        help="comma-separated, from blocking, selectors, anyio, dovecot; NAME-wN runs a "
+        "transport with --workers N (e.g. selectors-w2)",
     )
     p.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
     p.add_argument("--duration", type=float, default=None, help="seconds of the sessions loop")

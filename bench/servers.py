@@ -52,7 +52,7 @@ def available(names: list[str]) -> tuple[list[str], dict[str, str]]:
             except DovecotMissing as exc:
                 skipped[name] = str(exc)
             continue
-        why = transport_missing(name)
+        why = transport_missing(split_workers(name)[0])
         if why:
             skipped[name] = why
         else:
@@ -175,7 +175,20 @@ def make_server(
 ) -> Any:
     if name == "dovecot":
         return Dovecot(fixture, cpus=cpus, tls=tls)
-    return Pop3proto(fixture, name, cpus=cpus, tls=tls, log_level=log_level)
+    transport, workers = split_workers(name)
+    extra = ["--workers", str(workers)] if workers > 1 else []
+    server = Pop3proto(fixture, transport, cpus=cpus, tls=tls, log_level=log_level,
+                       extra_args=extra)
+    server.name = name
+    return server
+
+
+def split_workers(name: str) -> tuple[str, int]:
+    """``selectors-w2`` -> ("selectors", 2): a transport run with ``--workers N``."""
+    transport, sep, count = name.rpartition("-w")
+    if sep and count.isdigit() and int(count) > 0:
+        return transport, int(count)
+    return name, 1
 
 
 def make_tls_cert(directory: str) -> tuple[str, str]:

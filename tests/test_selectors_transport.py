@@ -262,8 +262,10 @@ def test_failed_login_delay_parks_only_that_connection(make_server: Any) -> None
     threading.Thread(target=bad_login).start()
     time.sleep(0.1)
     started = time.monotonic()
-    other = _login(server, "bob", "pw2")
-    assert other.stat()[0] == 1
+    # Another client is served meanwhile (from the same address a login would wait
+    # out the address's failed-login penalty, so this one only talks).
+    other = poplib.POP3(HOST, server.cget("port"), timeout=5)
+    assert "USER" in other.capa()
     other.quit()
     assert time.monotonic() - started < 0.5
     assert not done.is_set()
