@@ -27,31 +27,39 @@ def _error(command: str, message: str, status: int = 2) -> int:
     return status
 
 
-def _passwd(args: argparse.Namespace) -> int:
-    """Print a passwd-file password field (or a whole ``user:field`` line), like doveadm pw."""
+def _hash_from_args(command: str, args: argparse.Namespace) -> str | int:
+    """The ``{SCHEME}hash`` field for ``--scheme``/``--password`` (asked twice if absent),
+    or the exit status after one line on stderr."""
     scheme = str(args.scheme).upper()
     if scheme not in HASH_SCHEMES:
-        return _error("passwd", f"unknown scheme {args.scheme!r}; use one of "
-                                f"{', '.join(HASH_SCHEMES)}")  # fmt: skip
+        return _error(command, f"unknown scheme {args.scheme!r}; use one of "
+                               f"{', '.join(HASH_SCHEMES)}")  # fmt: skip
     if args.user is not None and (problem := user_name_problem(args.user)) is not None:
-        return _error("passwd", problem)
+        return _error(command, problem)
     password: str | None = args.password
     if password is None:
         try:
             password = getpass.getpass("Enter new password: ")
             again = getpass.getpass("Retype new password: ")
         except EOFError:
-            return _error("passwd", "no password given")
+            return _error(command, "no password given")
         if password != again:
-            return _error("passwd", "passwords don't match")
+            return _error(command, "passwords don't match")
         if not password:
-            return _error("passwd", "empty password")
+            return _error(command, "empty password")
     try:
-        field = hash_password(password, scheme, rounds=args.rounds)
+        return hash_password(password, scheme, rounds=args.rounds)
     except ValueError as exc:
-        return _error("passwd", str(exc))
+        return _error(command, str(exc))
     except RuntimeError as exc:
-        return _error("passwd", str(exc), 1)
+        return _error(command, str(exc), 1)
+
+
+def _passwd(args: argparse.Namespace) -> int:
+    """Print a passwd-file password field (or a whole ``user:field`` line), like doveadm pw."""
+    field = _hash_from_args("passwd", args)
+    if isinstance(field, int):
+        return field
     print(field if args.user is None else f"{args.user}:{field}")
     return 0
 
@@ -194,29 +202,9 @@ def _pg_adduser(args: argparse.Namespace) -> int:
     pg = _pgstore("pg-adduser")
     if pg is None:
         return 2
-    scheme = str(args.scheme).upper()
-    if scheme not in HASH_SCHEMES:
-        return _error("pg-adduser", f"unknown scheme {args.scheme!r}; use one of "
-                                    f"{', '.join(HASH_SCHEMES)}")  # fmt: skip
-    if (problem := user_name_problem(args.user)) is not None:
-        return _error("pg-adduser", problem)
-    password: str | None = args.password
-    if password is None:
-        try:
-            password = getpass.getpass("Enter new password: ")
-            again = getpass.getpass("Retype new password: ")
-        except EOFError:
-            return _error("pg-adduser", "no password given")
-        if password != again:
-            return _error("pg-adduser", "passwords don't match")
-        if not password:
-            return _error("pg-adduser", "empty password")
-    try:
-        field = hash_password(password, scheme, rounds=args.rounds)
-    except ValueError as exc:
-        return _error("pg-adduser", str(exc))
-    except RuntimeError as exc:
-        return _error("pg-adduser", str(exc), 1)
+    field = _hash_from_args("pg-adduser", args)
+    if isinstance(field, int):
+        return field
     try:
         stored = pg.add_user(args.db, args.user, field, replace=args.update)
     except Exception as exc:
