@@ -76,9 +76,11 @@ class _Client:
         self.conn = self.session.conn
         self.tls = tls
         self.gone = False
+        self.killed = threading.Event()
         self.session.set_killer(self._kill)
 
     def _kill(self) -> None:
+        self.killed.set()  # wakes a failed-login Sleep too
         self.sock.shutdown(socket.SHUT_RDWR)
 
     def flush(self) -> None:
@@ -111,7 +113,8 @@ class _Client:
                 except Exception as exc:
                     error = exc
             elif isinstance(step, Sleep):
-                time.sleep(step.seconds)
+                if self.killed.wait(step.seconds):
+                    raise ConnectionAbortedError("session killed")
             elif step is START_TLS:
                 self.flush()
                 self.handshake()
