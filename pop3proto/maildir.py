@@ -52,11 +52,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from ._maildrop import MessageInfo, valid_uid
 from ._writers import wire_size
-from .storage import MessageGone, StorageError, nonblocking
+from .storage import MessageGone, SafeLog, StorageError, nonblocking
 
 __all__ = ["MaildirStorage", "valid_mailbox_name"]
 
@@ -85,16 +85,6 @@ _WFLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
 _RFLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
 _counter = itertools.count(1)
 _counter_lock = threading.Lock()
-
-
-class _SafeLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Warnings about odd files must never fail a scan: a raising handler is ignored."""
-
-    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
-        try:
-            super().log(level, msg, *args, **kwargs)
-        except Exception:
-            pass
 
 
 def valid_mailbox_name(name: str) -> bool:
@@ -417,7 +407,7 @@ class MaildirStorage:
     ) -> None:
         self.root = os.fspath(root)
         self.create = create
-        self._log = _SafeLog(logger if logger is not None else logging.getLogger(__name__), {})
+        self._log = SafeLog(logger if logger is not None else logging.getLogger(__name__), {})
         self._mutex = threading.Lock()
         self._held: dict[str, _Held] = {}
         # Stable listings with their cache file's identity, least recently used first.

@@ -69,7 +69,7 @@ from ._maildrop import Maildrop, MessageInfo, valid_uid
 from ._state import Phase
 from ._writers import WireSizer
 from .auth import PlainVerifier, ScramSecret, Verifier, cram_md5_digest, verify_apop
-from .storage import MailboxLocked
+from .storage import MailboxLocked, SafeLog
 
 __all__ = [
     "START_TLS",
@@ -740,16 +740,6 @@ class Session:
         )
 
 
-class _SafeLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """A logger adapter that never raises: a broken log handler never kills a session."""
-
-    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
-        try:
-            super().log(level, msg, *args, **kwargs)
-        except Exception:
-            pass
-
-
 def _load_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     """A server context for *cert*/*key* (None without a cert); raises if they don't load."""
     if not cert:
@@ -886,7 +876,7 @@ class Server:
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
         """What sessions and transports write to: the logger, but a failing handler is ignored."""
-        return _SafeLog(self.logger, {})
+        return SafeLog(self.logger, {})
 
     # -- life cycle
 
@@ -1125,21 +1115,25 @@ class Server:
 
     def _auth_failed(self, host: str) -> float:
         """Count a failed login from *host*; the delay to apply (2 s doubling to 15 s)."""
-        opts = self._options
-        base, cap = float(opts["auth_failure_delay"]), float(opts["auth_failure_delay_max"])
         now = time.monotonic()
         with self._lock:
             count, last, _ = self._failures.get(host, (0, now, now))
             if now - last > 300:
                 count = 0
             count += 1
-            delay = 0.0 if base <= 0 else float(min(base * 2 ** min(count - 1, 16), cap))
+            delay = self._delay(count)
             self._failures[host] = (count, now, now + delay)
             if len(self._failures) > 100_000:
                 oldest = sorted(self._failures.items(), key=lambda kv: kv[1][1])[:50_000]
                 for h, _ in oldest:
                     self._failures.pop(h, None)
         return delay
+
+    def _delay(self, failures: int) -> float:
+        """The failed-login delay after *failures* recent failures: base doubling to the cap."""
+        base = float(self._options["auth_failure_delay"])
+        cap = float(self._options["auth_failure_delay_max"])
+        return 0.0 if base <= 0 else float(min(base * 2 ** min(failures - 1, 16), cap))
 
     def _auth_penalty(self, host: str) -> float:
         """How long a new login attempt from *host* waits before it is checked.
@@ -1148,15 +1142,13 @@ class Server:
         up on it, or attempts run in parallel), each attempt waits for it and
         pushes it on by one more delay, so parallel guesses queue up.
         """
-        opts = self._options
-        base, cap = float(opts["auth_failure_delay"]), float(opts["auth_failure_delay_max"])
         now = time.monotonic()
         with self._lock:
             entry = self._failures.get(host)
             if entry is None or entry[2] <= now:
                 return 0.0
             count, last, until = entry
-            self._failures[host] = (count, last, until + min(base * 2 ** min(count - 1, 16), cap))
+            self._failures[host] = (count, last, until + self._delay(count))
         return until - now
 
     def _auth_succeeded(self, host: str) -> None:

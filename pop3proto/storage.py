@@ -14,6 +14,7 @@ the facade turns them into ``-ERR [IN-USE]`` / ``-ERR [SYS/TEMP]``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, BinaryIO, Protocol, TypeVar, runtime_checkable
 
@@ -24,6 +25,7 @@ Found = tuple[Verifier, str] | None
 
 __all__ = [
     "Authenticator",
+    "SafeLog",
     "nonblocking",
     "MailboxLocked",
     "MessageGone",
@@ -43,6 +45,17 @@ def nonblocking(fn: _F) -> _F:
     """
     fn.nonblocking = True  # type: ignore[attr-defined]
     return fn
+
+
+class SafeLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger adapter that never raises: a broken log handler never fails a session."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        """Log as usual; an exception from a handler is dropped."""
+        try:
+            super().log(level, msg, *args, **kwargs)
+        except Exception:
+            pass
 
 
 class StorageError(Exception):

@@ -248,7 +248,8 @@ def start(server: Server) -> _Handle:
 
 def serve(server: Server) -> None:
     """Serve in this thread until ``server.destroy()`` (or ``down()``) stops listening."""
-    server.up() if server.state != "up" else None
+    if server.state != "up":
+        server.up()
     handle = server._handle
     assert handle is not None
     handle.join(None)
