@@ -60,7 +60,7 @@ _instrument: Any = (
     else contextlib.nullcontext()
 )  # fmt: skip
 with _instrument:
-    import pop3proto._sasl as sasl
+    import pop3proto.sasl as sasl
     from pop3proto import (
         NEED_DATA,
         PAUSED,

@@ -41,7 +41,7 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO, Protocol
 
-from . import _sasl
+from . import sasl as _sasl
 from ._config import Config
 from ._connection import Connection
 from ._events import (
@@ -69,7 +69,7 @@ from ._maildrop import Maildrop, MessageInfo, valid_uid
 from ._state import Phase
 from ._writers import WireSizer
 from .auth import PlainVerifier, ScramSecret, Verifier, cram_md5_digest, verify_apop
-from .storage import MailboxLocked, SafeLog
+from .storage import MailboxLocked, MailboxRefused, SafeLog
 
 __all__ = [
     "START_TLS",
@@ -613,6 +613,10 @@ class Session:
                 locked = yield Call(storage.lock, (mailbox,))
             except MailboxLocked:
                 locked = False
+            except MailboxRefused as exc:  # for good, not temporarily: logged
+                self.server._log_error(self, "maildrop refused", exc)
+                yield Err(text="Mailbox is not accessible.", code="SYS/PERM")
+                return
             except Exception as exc:  # any storage failure: [SYS/TEMP], logged
                 self.server._log_error(self, "lock failed", exc)
                 yield Err(text="Mailbox is temporarily unavailable.", code="SYS/TEMP")

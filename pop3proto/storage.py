@@ -28,6 +28,7 @@ __all__ = [
     "SafeLog",
     "nonblocking",
     "MailboxLocked",
+    "MailboxRefused",
     "MessageGone",
     "Storage",
     "StorageError",
@@ -64,6 +65,10 @@ class StorageError(Exception):
 
 class MailboxLocked(StorageError):
     """The maildrop is held by another session: ``-ERR [IN-USE]``."""
+
+
+class MailboxRefused(StorageError):
+    """The maildrop is refused for good (a link where a directory must be): ``-ERR [SYS/PERM]``."""
 
 
 class MessageGone(StorageError):

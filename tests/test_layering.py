@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pop3proto"
-CORE = sorted([*PACKAGE.glob("_*.py"), PACKAGE / "auth.py"])
+CORE = sorted([*PACKAGE.glob("_*.py"), PACKAGE / "auth.py", PACKAGE / "sasl.py"])
 CORE = [path for path in CORE if path.name != "__init__.py" and path.name != "__main__.py"]
 FORBIDDEN = frozenset(
     {

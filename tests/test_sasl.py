@@ -8,8 +8,8 @@ import hmac
 
 import pytest
 
-from pop3proto import _sasl
-from pop3proto._sasl import (
+from pop3proto import sasl as _sasl
+from pop3proto.sasl import (
     Challenge,
     CramCredentials,
     Failure,
