@@ -9,6 +9,7 @@ import hmac
 import pytest
 
 from pop3proto import sasl as _sasl
+from pop3proto.auth import ScramSecret, cram_md5_digest
 from pop3proto.sasl import (
     Challenge,
     CramCredentials,
@@ -19,7 +20,6 @@ from pop3proto.sasl import (
     TokenCredentials,
     mechanism_for,
 )
-from pop3proto.auth import ScramSecret, cram_md5_digest
 
 
 def mech(name: str) -> _sasl.Mechanism:
