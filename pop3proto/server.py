@@ -69,6 +69,7 @@ from ._maildrop import Maildrop, MessageInfo, valid_uid
 from ._state import Phase
 from ._writers import WireSizer
 from .auth import PlainVerifier, ScramSecret, Verifier, cram_md5_digest, verify_apop
+from .options import OPTIONS, check_option
 from .storage import MailboxLocked, MailboxRefused, SafeLog
 
 __all__ = [
@@ -210,130 +211,8 @@ class _Pop3dStorage:
 
 # ------------------------------------------------------------------ options
 
-
-def _is_callable_or_none(v: Any) -> bool:
-    return v is None or callable(v)
-
-
-_OptionCheck = Callable[[Any], bool]
-
-
-def _t(*types: type) -> _OptionCheck:
-    def check(v: Any) -> bool:
-        return isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
-
-    check.__doc__ = " or ".join(t.__name__ for t in types)
-    return check
-
-
-def _nonneg(*types: type) -> _OptionCheck:
-    base = _t(*types)
-
-    def check(v: Any) -> bool:
-        return base(v) and v >= 0
-
-    check.__doc__ = f"non-negative {base.__doc__}"
-    return check
-
-
-def _opt(check: _OptionCheck) -> _OptionCheck:
-    def wrapped(v: Any) -> bool:
-        return v is None or check(v)
-
-    wrapped.__doc__ = f"{check.__doc__} or None"
-    return wrapped
-
-
-def _cleartext(v: Any) -> bool:
-    return v in (True, False, "loopback")
-
-
-_cleartext.__doc__ = "True, False or 'loopback'"
-_any_callable = _is_callable_or_none
-_any_callable.__doc__ = "a callable or None"
-
-
-def _obj(v: Any) -> bool:
-    return True
-
-
-_obj.__doc__ = "an object"
-
-
-def _port(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 65535
-
-
-_port.__doc__ = "a port number 0-65535"
-
-
-def _names(v: Any) -> bool:
-    return v is None or (
-        isinstance(v, (tuple, list)) and all(isinstance(x, str) and x for x in v)
-    )
-
-
-_names.__doc__ = "a tuple of names or None"
-
-
-def _networks(v: Any) -> bool:
-    if not isinstance(v, (tuple, list)):
-        return False
-    try:
-        for x in v:
-            ipaddress.ip_network(x, strict=False)
-    except (ValueError, TypeError):
-        return False
-    return True
-
-
-_networks.__doc__ = "a tuple of networks such as '10.0.0.0/8'"
-
-#: name -> (check, default).  pop3d's options plus our limits.
-OPTIONS: dict[str, tuple[_OptionCheck, Any]] = {
-    "name": (_t(str), "pop3proto"),
-    "host": (_t(str), "127.0.0.1"),
-    "port": (_port, 110),
-    "pop3s_port": (_opt(_port), None),
-    "auth": (_obj, None),
-    "storage": (_obj, None),
-    "socket_factory": (_any_callable, None),
-    "ssl_context": (_opt(_t(ssl.SSLContext)), None),
-    "tls_cert": (_opt(_t(str)), None),
-    "tls_key": (_opt(_t(str)), None),
-    "transport": (_t(str), "blocking"),
-    "greeting": (_t(str), "POP3 server ready."),
-    "hostname": (_t(str), socket.gethostname() or "localhost"),
-    "apop": (_t(bool), False),
-    "cleartext_auth": (_cleartext, "loopback"),
-    "sasl_mechanisms": (_names, None),
-    "oauth": (_any_callable, None),
-    "utf8": (_t(bool), True),
-    "idle_timeout": (_nonneg(int, float), 600.0),
-    "login_timeout": (_nonneg(int, float), 60.0),
-    "handshake_timeout": (_nonneg(int, float), 30.0),
-    "max_connections": (_nonneg(int), 10000),
-    "max_connections_per_address": (_nonneg(int), 100),
-    "limit_loopback": (_t(bool), False),
-    "auth_failure_delay": (_nonneg(int, float), 2.0),
-    "auth_failure_delay_max": (_nonneg(int, float), 15.0),
-    "login_delay": (_opt(_nonneg(int)), None),
-    "expire": (_obj, None),
-    "max_line_length": (_nonneg(int), 255),
-    "max_bad_commands": (_nonneg(int), 20),
-    "max_auth_failures": (_nonneg(int), 3),
-    "chunk_size": (_nonneg(int), 64 * 1024),
-    "trace": (_any_callable, None),
-    "logger": (_t(logging.Logger), log),
-    "proxy_protocol": (_t(bool), False),
-    "trusted_proxies": (_networks, ()),
-    "workers": (_nonneg(int), 1),
-}
-
 #: Options that only take effect when the server is next brought up.
-_LISTEN_OPTIONS = frozenset(
-    {"host", "port", "pop3s_port", "socket_factory", "transport", "workers", "proxy_protocol"}
-)
+_LISTEN_OPTIONS = frozenset(name for name, o in OPTIONS.items() if o.listen)
 
 
 def is_loopback(host: str) -> bool:
@@ -786,7 +665,8 @@ class Server:
     """
 
     def __init__(self, name: str | None = None, **options: Any) -> None:
-        self._options: dict[str, Any] = {k: default for k, (_, default) in OPTIONS.items()}
+        self._options: dict[str, Any] = {k: o.default for k, o in OPTIONS.items()}
+        self._options["hostname"] = socket.gethostname() or "localhost"
         if name is not None:
             options["name"] = name
         self._lock = threading.RLock()
@@ -815,15 +695,9 @@ class Server:
         if not options:
             return {k: self.cget(k) for k in OPTIONS}
         for key, value in options.items():
-            if key not in OPTIONS:
-                raise TypeError(f"unknown option {key!r}")
-            check = OPTIONS[key][0]
-            if not check(value):
-                raise TypeError(f"option {key!r} must be {check.__doc__}, got {value!r}")
-            if key == "expire" and value is not None and value != "NEVER" and not (
-                isinstance(value, int) and value >= 0
-            ):
-                raise TypeError(f"option 'expire' must be days or 'NEVER', got {value!r}")
+            check_option(key, value)
+            if key == "hostname" and value is None:
+                options[key] = socket.gethostname() or "localhost"
             if key in _LISTEN_OPTIONS and self._state != "down":
                 if value != self.cget(key):
                     raise RuntimeError(f"option {key!r} cannot change while the server is up")
