@@ -1,32 +1,16 @@
-"""The server facade (Tcllib pop3d's shape) and the session logic behind it.
+"""The server facade, in the shape of Tcllib's pop3d: options, life cycle, live connections.
 
-``Server`` holds the options (``configure``/``cget``), the live sessions
-(``connections``/``connection_state``) and the life cycle (``up``/``down``/
-``destroy``); a transport moves the bytes.  ``Session`` answers one
-connection's core events through the two callbacks, ``auth`` and
-``storage``.
-
-``Session.handle(event)`` is a generator of *steps*, so the same policy runs
-under every transport without knowing whether it is threaded or async:
-
-* a ``Response``: ``conn.send`` it, then write ``conn.data_to_send()``;
-* a ``Call``: run ``fn(*args)`` (a coroutine result is awaited; anyio runs
-  blocking calls in a worker thread) and ``send()`` the result back into the
-  generator, or ``throw()`` the exception;
-* a ``Sleep``: wait that long (the failed-login delay);
-* ``START_TLS``: flush, then run the TLS handshake on this connection.
+``Server`` holds the options (``configure``/``cget``, the table in
+``pop3proto.options``), the live sessions (``connections``/
+``connection_state``), the per-address limits and failed-login penalties,
+and the life cycle (``up``/``down``/``destroy``).  It implements the narrow
+``Services`` interface through which each connection's
+``pop3proto.driver.SessionDriver`` reaches it; a transport (or your own
+event loop) runs the drivers.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import enum
-import hashlib
-import hmac
-import importlib
-import inspect
-import io
 import ipaddress
 import itertools
 import logging
@@ -36,95 +20,25 @@ import socket
 import ssl
 import threading
 import time
-import unicodedata
-from collections.abc import Callable, Generator, Iterable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, BinaryIO, Protocol
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import sasl as _sasl
 from ._config import Config
-from ._connection import Connection
-from ._events import (
-    ApopLogin,
-    AuthResponse,
-    AuthStart,
-    ConnectionClosed,
-    Data,
-    Disconnect,
-    EndOfMessage,
-    Err,
-    Event,
-    Greeting,
-    Login,
-    LoginAccepted,
-    Ok,
-    Response,
-    RetrieveMessage,
-    SaslChallenge,
-    StartTLS,
-    TopOfMessage,
-    Update,
-)
-from ._maildrop import Maildrop, MessageInfo, valid_uid
-from ._state import Phase
-from ._writers import WireSizer
-from .auth import PlainVerifier, ScramSecret, Verifier, cram_md5_digest, verify_apop
+from .driver import SessionDriver, Settings
+from .limits import AddressCounter, Penalties, address_group
 from .options import OPTIONS, check_option
-from .storage import MailboxLocked, MailboxRefused, SafeLog
+from .pop3d import Pop3dAuth, Pop3dStorage
+from .storage import SafeLog
 
-__all__ = [
-    "START_TLS",
-    "Call",
-    "Server",
-    "Session",
-    "Sleep",
-    "Step",
-    "TransportHandle",
-    "run_call_sync",
-]
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+__all__ = ["Server", "TransportHandle", "is_loopback"]
 
 log = logging.getLogger("pop3proto")
 
-
-# ------------------------------------------------------------------ steps
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """Run ``fn(*args)`` and send the result back (may block: disk, password hash)."""
-
-    fn: Callable[..., Any]
-    args: tuple[Any, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Sleep:
-    """Wait *seconds* before the next step (the failed-login delay)."""
-
-    seconds: float
-
-
-class _Marker(enum.Enum):
-    START_TLS = "START_TLS"
-
-
-#: Flush, then start the TLS handshake (after the +OK to STLS).
-START_TLS = _Marker.START_TLS
-
-Step = Response | Call | Sleep | _Marker
-Steps = Generator[Step, Any, None]
-
-
-def run_call_sync(call: Call) -> Any:
-    """Run a Call in this thread; a coroutine result is run to completion."""
-    result = call.fn(*call.args)
-    if inspect.isawaitable(result):
-        return asyncio.run(_await(result))
-    return result
-
-
-async def _await(value: Any) -> Any:
-    return await value
+#: Options that only take effect when the server is next brought up.
+_LISTEN_OPTIONS = frozenset(name for name, o in OPTIONS.items() if o.listen)
 
 
 class TransportHandle(Protocol):
@@ -139,86 +53,10 @@ class TransportHandle(Protocol):
         """Wait until the transport has stopped; True if it did."""
 
 
-# ------------------------------------------------------------------ pop3d adapters
-
-
-class _Pop3dAuth:
-    """Adapts a pop3d-style ``auth(cmd, name)`` callable (lookup -> (password, mailbox))."""
-
-    def __init__(self, cmd: Callable[..., Any]) -> None:
-        self._cmd = cmd
-
-    def exists(self, name: str) -> bool:
-        return bool(self._cmd("exists", name))
-
-    def lookup(self, name: str) -> tuple[Verifier, str] | None:
-        found = self._cmd("lookup", name)
-        if not found:
-            return None
-        password, mailbox = found
-        return PlainVerifier(str(password)), str(mailbox)
-
-
-class _Pop3dStorage:
-    """Adapts a pop3d-style ``storage(cmd, mbox, *args)`` callable to the Storage contract.
-
-    pop3d numbers messages 1..n from ``stat``; ``get`` may return bytes, str
-    or a binary stream.  UIDLs come from a ``uidl`` command when the callable
-    supports it, else from an MD5 of the message (read once per login).
-    """
-
-    def __init__(self, cmd: Callable[..., Any]) -> None:
-        self._cmd = cmd
-
-    def lock(self, mailbox: str) -> bool:
-        return bool(self._cmd("lock", mailbox))
-
-    def unlock(self, mailbox: str) -> None:
-        self._cmd("unlock", mailbox)
-
-    def scan(self, mailbox: str) -> list[MessageInfo]:
-        # pop3d's "size" is whatever the callable says (often the LF file size);
-        # the listed size must be what RETR sends, so each message is read once
-        # here and measured with the core's rule (and hashed when the callable
-        # has no "uidl" answer).
-        count = int(self._cmd("stat", mailbox))
-        out = []
-        for n in range(1, count + 1):
-            sizer, digest = WireSizer(), hashlib.md5()
-            with self.get(mailbox, str(n)) as f:
-                for chunk in iter(lambda: f.read(65536), b""):
-                    sizer.feed(chunk)
-                    digest.update(chunk)
-            try:
-                uid = self._cmd("uidl", mailbox, n)
-            except Exception:
-                uid = None
-            uid = str(uid) if uid is not None and valid_uid(str(uid)) else digest.hexdigest()
-            out.append(MessageInfo(key=str(n), size=sizer.total(), uid=uid))
-        return out
-
-    def get(self, mailbox: str, key: str) -> BinaryIO:
-        data = self._cmd("get", mailbox, int(key))
-        if isinstance(data, str):
-            data = data.encode("utf-8", "surrogateescape")
-        if isinstance(data, (bytes, bytearray)):
-            return io.BytesIO(bytes(data))
-        return data  # type: ignore[no-any-return]
-
-    def dele(self, mailbox: str, keys: Sequence[str]) -> None:
-        self._cmd("dele", mailbox, [int(k) for k in keys])
-
-
-# ------------------------------------------------------------------ options
-
-#: Options that only take effect when the server is next brought up.
-_LISTEN_OPTIONS = frozenset(name for name, o in OPTIONS.items() if o.listen)
-
-
 def is_loopback(host: str) -> bool:
     """Whether *host* is a loopback address (127/8, ::1, v4-mapped loopback)."""
     try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
+        addr = ipaddress.ip_address(host)
     except ValueError:
         return False
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -226,404 +64,7 @@ def is_loopback(host: str) -> bool:
     return addr.is_loopback
 
 
-# ------------------------------------------------------------------ session
-
-
-class Session:
-    """One connection's policy: answers the core's events through the callbacks.
-
-    Transports create it with ``server.open_session(peer, tls=...)``, send
-    the steps of ``greet()``, then feed ``conn`` and run ``handle(event)`` for
-    each event, and call ``server.close_session(self)`` at the end (which
-    releases the maildrop lock if the session still holds it).
-    """
-
-    def __init__(
-        self, server: Server, session_id: int, peer: tuple[str, int], *, tls: bool
-    ) -> None:
-        self.server = server
-        self.id = session_id
-        self.peer = peer
-        self.started = time.time()
-        self._t0 = time.monotonic()
-        self.last_activity = self._t0
-        self.conn = server._connection(peer, tls, session_id)
-        self.refused: str | None = None
-        self.mailbox: str | None = None
-        self.locked = False
-        self.user: str | None = None
-        #: The last name a login was tried with (for the logout line; never a password).
-        self.attempted_user: str | None = None
-        self.retr_octets = 0
-        self.end_reason = "Disconnected"
-        self._apop_ts: str | None = None
-        self._mech: _sasl.Mechanism | None = None
-        self._scram_user: str | None = None
-        self._oauth_failed = False
-        self._killer: Callable[[], None] | None = None
-
-    # -- transport hooks
-
-    def set_killer(self, fn: Callable[[], None]) -> None:
-        """Register how the transport aborts this connection (``destroy("kill")``)."""
-        self._killer = fn
-
-    def kill(self) -> None:
-        """Abort the connection without an update (the transport's killer)."""
-        self.end_reason = "Killed"
-        if self._killer is not None:
-            with contextlib.suppress(Exception):
-                self._killer()
-
-    def touch(self) -> None:
-        """Note client activity (for ``connection_state``)."""
-        self.last_activity = time.monotonic()
-
-    def idle_timeout(self) -> float:
-        """How long this session may stay silent now: shorter before login."""
-        opts = self.server._options
-        if self.conn.phase in (Phase.GREETING, Phase.AUTHORIZATION) and opts["login_timeout"]:
-            # A deadline, not an idle timer: a byte now and then must not keep a
-            # connection that never logs in (pre-login slowloris).
-            left = self._t0 + opts["login_timeout"] - time.monotonic()
-            return float(max(0.001, min(left, opts["idle_timeout"] or left)))
-        return float(opts["idle_timeout"])
-
-    def timed_out(self) -> Disconnect:
-        """The response to send when the idle timer fires (no update, RFC 1939)."""
-        self.end_reason = "Disconnected for inactivity"
-        return Disconnect(text="Disconnected for inactivity.")
-
-    def shutting_down(self) -> Disconnect:
-        """The response to send when the server stops (no update)."""
-        self.end_reason = "Server shutting down"
-        return Disconnect(text="Server shutting down.", code="SYS/TEMP")
-
-    # -- the session logic
-
-    def greet(self) -> Steps:
-        """The greeting, or a -ERR [SYS/TEMP] when over a connection limit."""
-        if self.refused:
-            self.end_reason = f"Refused: {self.refused}"
-            yield Err(text=self.refused, code="SYS/TEMP")
-            return
-        opts = self.server._options
-        config = self.conn.config
-        if config.apop and opts["auth"] is not None and (config.cleartext_auth or self.conn.tls):
-            # Only where APOP is usable now: the timestamp is how clients detect it.
-            nonce = secrets.randbelow(1 << 48)
-            self._apop_ts = f"<{os.getpid()}.{int(time.time())}.{nonce:x}@{opts['hostname']}>"
-        yield Greeting(text=opts["greeting"], apop_timestamp=self._apop_ts)
-
-    def handle(self, event: Event) -> Steps:
-        """The steps that answer *event* (see the module docstring)."""
-        if isinstance(event, Login):
-            yield from self._password_login(event.username, event.password)
-        elif isinstance(event, (RetrieveMessage, TopOfMessage)):
-            yield from self._send_message(event)
-        elif isinstance(event, Update):
-            yield from self._update(event)
-        elif isinstance(event, AuthStart):
-            yield from self._auth_start(event)
-        elif isinstance(event, AuthResponse):
-            yield from self._auth_step(event.data)
-        elif isinstance(event, ApopLogin):
-            yield from self._apop(event)
-        elif isinstance(event, StartTLS):
-            if self.server._ssl_context() is None:
-                yield Err(text="TLS support isn't enabled.")
-                return
-            yield Ok()
-            yield START_TLS
-        elif isinstance(event, ConnectionClosed):
-            yield from self._release()
-
-    def _fail(self, text: str = "Authentication failed.") -> Steps:
-        delay = self.server._auth_failed(self.peer[0])
-        if delay > 0:
-            yield Sleep(delay)
-        yield Err(text=text, code="AUTH")
-
-    def _lookup(self, name: str) -> Generator[Step, Any, tuple[Verifier, str] | None]:
-        penalty = self.server._auth_penalty(self.peer[0])
-        if penalty > 0:
-            # The last failure from this address has not served its delay (the
-            # client hung up on it): no new guess is checked before it has.
-            yield Sleep(penalty)
-        auth = self.server._auth()
-        if not name.isascii():
-            name = unicodedata.normalize("NFKC", name)  # as USER after UTF8 does
-        if auth is None or not _valid_user(name):
-            return None
-        try:
-            found = yield Call(auth.lookup, (name,))
-        except Exception as exc:  # the contract allows any failure of a callback
-            self.server._log_error(self, "auth lookup failed", exc)
-            return None
-        return found  # type: ignore[no-any-return]
-
-    def _password_login(self, name: str, password: str) -> Steps:
-        self.attempted_user = name
-        found = yield from self._lookup(name)
-        if found is None:
-            dummy = yield Call(self.server._dummy_verifier)
-            if dummy is not None:
-                yield Call(dummy.verify, (password,))  # same time as a known user
-            yield from self._fail()
-            return
-        verifier, mailbox = found
-        try:
-            ok = yield Call(verifier.verify, (password,))
-        except Exception as exc:
-            self.server._log_error(self, "password verification failed", exc)
-            ok = False
-        if not ok:
-            yield from self._fail()
-            return
-        yield from self._open(name, mailbox)
-
-    def _apop(self, event: ApopLogin) -> Steps:
-        found = yield from self._lookup(event.username)
-        secret = found[0].cleartext() if found else None
-        if found is None or secret is None or self._apop_ts is None:
-            yield from self._fail()
-            return
-        if not verify_apop(self._apop_ts, secret, event.digest):
-            yield from self._fail()
-            return
-        yield from self._open(event.username, found[1])
-
-    def _auth_start(self, event: AuthStart) -> Steps:
-        host = self.server._options["hostname"]
-        nonce = secrets.token_urlsafe(18)
-        challenge = f"<{secrets.randbelow(1 << 40)}.{int(time.time())}@{host}>".encode()
-        self._mech = _sasl.mechanism_for(event.mechanism, nonce=nonce, challenge=challenge)
-        self._scram_user = None
-        yield from self._auth_step(event.initial_response)
-
-    def _auth_step(self, data: bytes | None) -> Steps:
-        mech = self._mech
-        if mech is None:  # pragma: no cover - the core only sends AuthResponse mid-exchange
-            yield Err(text="No authentication in progress.")
-            return
-        if self._oauth_failed:
-            self._oauth_failed = False
-            self._mech = None
-            yield from self._fail()
-            return
-        if self._scram_user is not None:
-            # The client acknowledged the SCRAM server-final message.
-            name, self._scram_user = self._scram_user, None
-            self._mech = None
-            found = yield from self._lookup(name)
-            if found is None:
-                yield from self._fail()
-                return
-            yield from self._open(name, found[1])
-            return
-        step = mech.step(data)
-        if isinstance(step, _sasl.Challenge):
-            yield SaslChallenge(data=step.data)
-            return
-        if isinstance(step, _sasl.NeedSecret):
-            assert isinstance(mech, _sasl.ScramSha256)
-            found = yield from self._lookup(step.username)
-            secret = (yield Call(found[0].scram)) if found else None
-            if secret is None:
-                # A decoy, so the exchange looks the same for unknown users
-                # (PBKDF2 is slow: a Call, so async transports run it off-loop).
-                secret = yield Call(
-                    ScramSecret.from_password, (secrets.token_hex(8), b"decoy-salt", 4096)
-                )
-            yield SaslChallenge(data=mech.server_first(secret).data)
-            return
-        self._mech = None
-        if isinstance(step, _sasl.ScramDone):
-            self._scram_user = step.username
-            self._mech = mech
-            yield SaslChallenge(data=step.server_final)
-            return
-        if isinstance(step, _sasl.Failure):
-            yield from self._fail(step.reason)
-            return
-        if isinstance(step, _sasl.PasswordCredentials):
-            if step.authzid and step.authzid != step.authcid:
-                yield from self._fail("Authorization identity not allowed.")
-                return
-            yield from self._password_login(step.authcid, step.password)
-            return
-        if isinstance(step, _sasl.CramCredentials):
-            found = yield from self._lookup(step.username)
-            clear = found[0].cleartext() if found else None
-            if (
-                found is None
-                or clear is None
-                or not hmac.compare_digest(cram_md5_digest(step.challenge, clear), step.digest)
-            ):
-                yield from self._fail()
-                return
-            yield from self._open(step.username, found[1])
-            return
-        assert isinstance(step, _sasl.TokenCredentials)
-        checker = self.server._options["oauth"]
-        ok = False
-        if checker is not None:
-            try:
-                ok = bool((yield Call(checker, (step.username, step.token))))
-            except Exception as exc:
-                self.server._log_error(self, "oauth check failed", exc)
-        found = (yield from self._lookup(step.username)) if ok else None
-        if found is None:
-            # RFC 7628 s3.2.2: a failure is a JSON challenge the client acknowledges
-            # (with 0x01) before the -ERR; clients read "status" to refresh tokens.
-            self._oauth_failed = True
-            self._mech = mech
-            yield SaslChallenge(data=b'{"status":"invalid_token","schemes":"bearer"}')
-            return
-        yield from self._open(step.username, found[1])
-
-    def _open(self, name: str, mailbox: str) -> Steps:
-        """Lock the maildrop and list it; the end of every successful login."""
-        storage = self.server._storage()
-        self.user = name
-        messages: Sequence[MessageInfo] = ()
-        if storage is not None:
-            try:
-                locked = yield Call(storage.lock, (mailbox,))
-            except MailboxLocked:
-                locked = False
-            except MailboxRefused as exc:  # for good, not temporarily: logged
-                self.server._log_error(self, "maildrop refused", exc)
-                yield Err(text="Mailbox is not accessible.", code="SYS/PERM")
-                return
-            except Exception as exc:  # any storage failure: [SYS/TEMP], logged
-                self.server._log_error(self, "lock failed", exc)
-                yield Err(text="Mailbox is temporarily unavailable.", code="SYS/TEMP")
-                return
-            if not locked:
-                yield Err(text="Mailbox is locked by another POP3 session.", code="IN-USE")
-                return
-            self.mailbox, self.locked = mailbox, True
-            try:
-                messages = yield Call(storage.scan, (mailbox,))
-            except Exception as exc:  # any storage failure: [SYS/TEMP], logged
-                self.server._log_error(self, "scan failed", exc)
-                yield from self._release()
-                yield Err(text="Mailbox is temporarily unavailable.", code="SYS/TEMP")
-                return
-        self.mailbox = mailbox
-        self.server._auth_succeeded(self.peer[0])
-        yield LoginAccepted(maildrop=Maildrop(tuple(messages)), username=name)
-
-    def _send_message(self, event: RetrieveMessage | TopOfMessage) -> Steps:
-        storage = self.server._storage()
-        if storage is None or self.mailbox is None:  # pragma: no cover - empty maildrops
-            yield Err(text="No such message.", code="SYS/TEMP")
-            return
-        try:
-            stream = yield Call(storage.get, (self.mailbox, event.key))
-        except Exception as exc:  # any storage failure: [SYS/TEMP], logged
-            self.server._log_error(self, f"message {event.key} unavailable", exc)
-            yield Err(text="Message is temporarily unavailable.", code="SYS/TEMP")
-            return
-        chunk_size = self.server._options["chunk_size"]
-        conn = self.conn
-        try:
-            yield Ok()
-            while conn.wants_more_data:
-                try:
-                    chunk = yield Call(stream.read, (chunk_size,))
-                except Exception as exc:  # after +OK no -ERR is possible: drop the connection
-                    self.server._log_error(self, f"reading message {event.key} failed", exc)
-                    self.end_reason = "Message read failed"
-                    yield Disconnect()
-                    return
-                if not chunk:
-                    break
-                if isinstance(event, RetrieveMessage):
-                    self.retr_octets += len(chunk)
-                yield Data(data=chunk)
-            yield EndOfMessage()
-        finally:
-            with contextlib.suppress(Exception):
-                stream.close()
-
-    def _update(self, event: Update) -> Steps:
-        storage = self.server._storage()
-        if event.deleted and storage is not None and self.mailbox is not None:
-            try:
-                yield Call(storage.dele, (self.mailbox, event.deleted))
-            except Exception as exc:  # any storage failure: [SYS/TEMP], logged
-                self.server._log_error(self, "deleting messages failed", exc)
-                yield from self._release()
-                self.end_reason = "Logged out (deletion failed)"
-                yield Err(text="Some messages could not be deleted.", code="SYS/TEMP")
-                return
-        yield from self._release()
-        self.end_reason = "Logged out"
-        yield Ok(text="Logging out.")
-
-    def _release(self) -> Steps:
-        if self.locked and self.mailbox is not None:
-            self.locked = False
-            storage = self.server._storage()
-            if storage is not None:
-                try:
-                    yield Call(storage.unlock, (self.mailbox,))
-                except Exception as exc:
-                    self.server._log_error(self, "unlock failed", exc)
-
-    def release_sync(self) -> None:
-        """Release the lock from a transport's cleanup path, in this thread.
-
-        A coroutine ``unlock`` is run with ``asyncio.run``, which cannot work
-        from a thread whose event loop is running: async transports release
-        through ``handle(ConnectionClosed())`` before ``close_session``.
-        """
-        for step in self._release():
-            if isinstance(step, Call):
-                try:
-                    run_call_sync(step)
-                except Exception as exc:
-                    self.server._log_error(self, "unlock failed", exc)
-
-    def state(self) -> dict[str, Any]:
-        """What ``Server.connection_state`` reports (never a password)."""
-        conn = self.conn
-        drop = conn.maildrop
-        return {
-            "id": self.id,
-            "state": conn.phase.value,
-            "user": conn.username or self.user,
-            "peer": self.peer[0],
-            "port": self.peer[1],
-            "tls": conn.tls,
-            "messages": drop.count if drop else 0,
-            "size": drop.octets if drop else 0,
-            **conn.stats.as_dict(),
-            # The marks (message numbers); the count of messages expunged at
-            # UPDATE is "expunged".
-            "deleted": sorted(drop.deleted) if drop else [],
-            "expunged": conn.stats.deleted,
-            "started": self.started,
-            "idle": round(time.monotonic() - self.last_activity, 3),
-        }
-
-    def summary(self) -> str:
-        """Dovecot-style logout line: peer, user, counters, duration; never a password."""
-        s = self.conn.stats
-        return (
-            f"session={self.id} peer={self.peer[0]}:{self.peer[1]} "
-            f"user={self.conn.username or self.user or '-'} "
-            + (f"tried={self.attempted_user!r} " if self.attempted_user and not self.user else "")
-            + f"reason={self.end_reason!r} "
-            f"commands={s.commands} retr={s.retrieved}/{self.retr_octets} del={s.deleted} "
-            f"in={s.bytes_in} out={s.bytes_out} "
-            f"duration={time.monotonic() - self._t0:.3f}s"
-        )
-
-
-def _load_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+def load_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     """A server context for *cert*/*key* (None without a cert); raises if they don't load."""
     if not cert:
         return None
@@ -632,36 +73,22 @@ def _load_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     return ctx
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The default listener: TCP, SO_REUSEADDR, a deep backlog, dual-stack for '::'."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server(
-        (host, port),
-        family=family,
-        backlog=4096,
-        reuse_port=False,
-        dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6(),
-    )
-    return sock
-
-
-def _valid_user(name: str) -> bool:
-    """The rule every login path applies before the authenticator sees a name."""
-    return (
-        0 < len(name) <= 255
-        and ".." not in name
-        and not any(c in "/\\" or ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name)
-    )
-
-
-# ------------------------------------------------------------------ server
+def _capability(obj: Any, name: str, default: Any) -> Any:
+    """An optional capability of an authenticator; a failure to answer is the default."""
+    try:
+        return getattr(obj, name, default)
+    except Exception:
+        return default
 
 
 class Server:
     """A POP3 server: options, life cycle and live sessions (Tcllib pop3d's API).
 
-    ``Server(**options)``; see ``OPTIONS`` for names and defaults.  With no
-    ``auth`` every login fails; with no ``storage`` every maildrop is empty.
+    ``Server(**options)``; see ``pop3proto.options.OPTIONS`` for names,
+    defaults and meanings.  With no ``auth`` every login fails; with no
+    ``storage`` every maildrop is empty.  A Server that is never brought
+    ``up()`` still serves sessions that a host drives itself
+    (``SessionDriver(server, peer, now=...)``).
     """
 
     def __init__(self, name: str | None = None, **options: Any) -> None:
@@ -670,26 +97,30 @@ class Server:
         if name is not None:
             options["name"] = name
         self._lock = threading.RLock()
-        self._sessions: dict[int, Session] = {}
+        self._idle = threading.Condition(self._lock)
+        self._sessions: dict[str, SessionDriver] = {}
+        self._started: dict[str, float] = {}
+        self._killers: dict[str, Any] = {}
         self._ids = itertools.count(1)
-        self._per_address: dict[str, int] = {}
-        self._failures: dict[str, tuple[int, float, float]] = {}
+        self._pid = os.getpid()
+        self._addresses = AddressCounter()
+        self._penalties = Penalties(2.0, 15.0)
         self._state = "down"
         self._handle: TransportHandle | None = None
         self._bound: dict[str, int] = {}
-        self._idle = threading.Condition(self._lock)
         self._config_cache: dict[tuple[bool, bool, bool, bool], Config] = {}
+        self._settings: Settings | None = None
         self._tls_context: ssl.SSLContext | None = None
         self._trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.configure(**options)
 
-    # -- options
+    # ------------------------------------------------------------------ options
 
     def configure(self, **options: Any) -> dict[str, Any] | None:
         """Set options; with no arguments, return every option and its value.
 
         Raises:
-            TypeError: an unknown option, or a value of the wrong type.
+            TypeError: an unknown option, or a value it does not accept.
             RuntimeError: a listening option changed while the server is up.
         """
         if not options:
@@ -703,18 +134,28 @@ class Server:
                     raise RuntimeError(f"option {key!r} cannot change while the server is up")
                 options[key] = self._options[key]  # the bound port reads back as itself
         if callable(options.get("auth")) and not hasattr(options["auth"], "lookup"):
-            options["auth"] = _Pop3dAuth(options["auth"])
+            options["auth"] = Pop3dAuth(options["auth"])
         if callable(options.get("storage")) and not hasattr(options["storage"], "scan"):
-            options["storage"] = _Pop3dStorage(options["storage"])
+            options["storage"] = Pop3dStorage(options["storage"])
+        tls_context = self._tls_context
         if {"tls_cert", "tls_key"} & options.keys():
             # Load first: a certificate that fails to load changes nothing.
-            self._tls_context = _load_tls(
+            tls_context = load_tls(
                 options.get("tls_cert", self._options["tls_cert"]),
                 options.get("tls_key", self._options["tls_key"]),
             )
-        self._options.update(options)
-        self._config_cache.clear()
-        self._trusted = iter_networks(self._options["trusted_proxies"])
+        merged = {**self._options, **options}
+        self._make_config(merged, plain_ok=True, tls=False)  # the core's rules, checked now
+        with self._lock:
+            self._options = merged
+            self._tls_context = tls_context
+            self._config_cache = {}
+            self._settings = None
+            self._trusted = [
+                ipaddress.ip_network(v, strict=False) for v in merged["trusted_proxies"]
+            ]
+            self._penalties.base = float(merged["auth_failure_delay"])
+            self._penalties.cap = float(merged["auth_failure_delay_max"])
         return None
 
     def cget(self, name: str) -> Any:
@@ -729,16 +170,15 @@ class Server:
 
     def reload_tls(self) -> None:
         """(Re)load ``tls_cert``/``tls_key`` into a fresh context; live sessions keep theirs."""
-        self._tls_context = _load_tls(self._options["tls_cert"], self._options["tls_key"])
-        self._config_cache.clear()
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        ctx: ssl.SSLContext | None = self._options["ssl_context"] or self._tls_context
-        return ctx
+        context = load_tls(self._options["tls_cert"], self._options["tls_key"])
+        with self._lock:
+            self._tls_context = context
+            self._config_cache = {}
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The context new TLS handshakes use (explicit ``ssl_context`` or cert/key)."""
-        return self._ssl_context()
+        ctx: ssl.SSLContext | None = self._options["ssl_context"] or self._tls_context
+        return ctx
 
     @property
     def state(self) -> str:
@@ -753,10 +193,10 @@ class Server:
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
-        """What sessions and transports write to: the logger, but a failing handler is ignored."""
+        """What transports write to: the logger, but a failing handler is ignored."""
         return SafeLog(self.logger, {})
 
-    # -- life cycle
+    # ------------------------------------------------------------------ life cycle
 
     def up(self) -> None:
         """Start listening in a background thread; returns once the ports are bound."""
@@ -765,20 +205,25 @@ class Server:
                 return
             if self._state == "exiting":
                 raise RuntimeError("server is being destroyed")
-        handle: TransportHandle
-        if self._options["workers"] > 1:
-            from .workers import WorkerPool
+        from .transports import _common
 
-            handle = WorkerPool(self, self._options["workers"])
-        else:
-            module = importlib.import_module(
-                f"pop3proto.transports.{self._options['transport']}"
-            )
-            handle = module.start(self)
+        handle = _common.start(self)
+        self.listening(handle)
+
+    def listening(self, handle: TransportHandle) -> None:
+        """A transport has bound its sockets and serves (``up()`` and ``serve()`` call it)."""
         with self._lock:
             self._handle = handle
             self._bound = dict(handle.ports)
             self._state = "up"
+
+    def stopped(self, handle: TransportHandle) -> None:
+        """A transport started by ``serve()`` has ended."""
+        with self._lock:
+            if self._handle is handle:
+                self._handle = None
+                self._bound = {}
+                self._state = "down"
 
     def down(self) -> None:
         """Stop listening; live sessions go on (pop3d ``down``).
@@ -793,9 +238,11 @@ class Server:
             handle.stop_listening()
 
     def destroy(self, mode: str = "kill", timeout: float | None = 30.0) -> None:
-        """Stop the server.  ``kill`` aborts sessions (no updates); ``defer`` lets them finish.
+        """Stop the server.  ``kill`` ends sessions (no updates); ``defer`` lets them finish.
 
-        Blocks until every session has ended (or *timeout* passes).
+        Killed sessions get ``-ERR [SYS/TEMP] Server shutting down.`` where a
+        line can still be sent.  Blocks until every session has ended (or
+        *timeout* passes).
         """
         if mode not in ("kill", "defer"):
             raise ValueError("mode must be 'kill' or 'defer'")
@@ -805,8 +252,13 @@ class Server:
         if handle is not None:
             handle.stop_listening()
         if mode == "kill":
-            for session in self.sessions():
-                session.kill()
+            with self._lock:
+                killers = list(self._killers.values())
+            for kill in killers:
+                try:
+                    kill()
+                except Exception:
+                    pass
         self.wait_sessions(timeout)
         if handle is not None:
             handle.join(timeout)
@@ -832,29 +284,6 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         self.destroy("kill")
 
-    def open_listeners(self) -> list[tuple[socket.socket, bool]]:
-        """Bind the listening sockets: (socket, implicit TLS?) for ``port`` and ``pop3s_port``.
-
-        ``socket_factory(host, port)`` (pop3d's ``-socket``) makes each one when set.
-
-        Raises:
-            OSError: a port is in use or the address is not available.
-        """
-        opts = self._options
-        factory = opts["socket_factory"] or _listen
-        out = [(factory(opts["host"], opts["port"]), False)]
-        if opts["pop3s_port"] is not None:
-            if self._ssl_context() is None:
-                for sock, _ in out:
-                    sock.close()
-                raise ValueError("pop3s_port needs ssl_context or tls_cert/tls_key")
-            try:
-                out.append((factory(opts["host"], opts["pop3s_port"]), True))
-            except OSError:
-                out[0][0].close()
-                raise
-        return out
-
     def proxy_expected(self) -> bool:
         """Whether connections must start with a PROXY header (``proxy_protocol``)."""
         return bool(self._options["proxy_protocol"])
@@ -862,189 +291,178 @@ class Server:
     def proxy_trusted(self, host: str) -> bool:
         """Whether *host* may send a PROXY header (it is in ``trusted_proxies``)."""
         try:
-            addr = ipaddress.ip_address(host.split("%", 1)[0])
+            addr = ipaddress.ip_address(host)
         except ValueError:
             return False
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self._trusted)
 
-    # -- connections
+    # ------------------------------------------------------------------ connections
 
-    def connections(self) -> list[int]:
+    def connections(self) -> list[str]:
         """The ids of the live sessions."""
         with self._lock:
             return list(self._sessions)
 
-    def connection_state(self, session_id: int) -> dict[str, Any]:
+    def connection_state(self, session_id: str) -> dict[str, Any]:
         """A session's state, user, peer, counts and deletion marks (KeyError if gone)."""
         with self._lock:
-            session = self._sessions[session_id]
-        return session.state()
+            driver = self._sessions[session_id]
+            started = self._started.get(session_id, 0.0)
+        return {**driver.state(), "started": started}
 
-    def sessions(self) -> list[Session]:
-        """The live Session objects (for transports and embedding code)."""
-        with self._lock:
-            return list(self._sessions.values())
+    def set_killer(self, driver: SessionDriver, kill: Any) -> None:
+        """Register how the host ends *driver*'s session from any thread (``destroy("kill")``).
 
-    def open_session(self, peer: tuple[str, int], *, tls: bool = False) -> Session:
-        """Register a new connection; over a limit the session greets with -ERR and ends."""
+        *kill* must make the host call ``driver.shutdown()`` on its own thread
+        or task and interrupt whatever it waits for.
+        """
         with self._lock:
-            sid = next(self._ids)
-            session = Session(self, sid, (str(peer[0]), int(peer[1])), tls=tls)
+            if driver.id in self._sessions:
+                self._killers[driver.id] = kill
+
+    # ------------------------------------------------------------------ Services
+
+    def session_settings(self) -> Settings:
+        """The options a session starting now works with (made once per configure)."""
+        settings = self._settings
+        if settings is None:
             opts = self._options
-            host = session.peer[0]
-            counted = opts["limit_loopback"] or not is_loopback(host)
-            if self._state == "exiting":
-                session.refused = "Server shutting down."
-            elif opts["max_connections"] and len(self._sessions) >= opts["max_connections"]:
-                session.refused = "Too many connections."
-            elif (
-                counted
-                and opts["max_connections_per_address"]
-                and self._per_address.get(host, 0) >= opts["max_connections_per_address"]
-            ):
-                session.refused = "Too many connections from your address."
-            self._sessions[sid] = session
-            self._per_address[host] = self._per_address.get(host, 0) + 1
-            return session
+            auth, storage = opts["auth"], opts["storage"]
+            settings = self._settings = Settings(
+                auth=auth,
+                storage=storage,
+                greeting=opts["greeting"],
+                hostname=opts["hostname"],
+                oauth=opts["oauth"],
+                chunk_size=opts["chunk_size"],
+                idle_timeout=float(opts["idle_timeout"]),
+                login_timeout=float(opts["login_timeout"]),
+                handshake_timeout=float(opts["handshake_timeout"]),
+                dummy_verifier=_capability(auth, "dummy_verifier", None),
+                inline_reads=bool(_capability(storage, "nonblocking_reads", False)),
+            )
+        return settings
 
-    def close_session(self, session: Session) -> None:
-        """Forget a finished session: release its lock if held, log its summary line."""
-        session.release_sync()
-        with self._idle:
-            if self._sessions.pop(session.id, None) is None:
-                return
-            host = session.peer[0]
-            left = self._per_address.get(host, 1) - 1
-            if left > 0:
-                self._per_address[host] = left
-            else:
-                self._per_address.pop(host, None)
-            self._idle.notify_all()
-        try:
-            self.logger.info("%s", session.summary())
-        except Exception:  # a failing log handler never kills a session
-            pass
-
-    # -- used by Session
-
-    def _connection(self, peer: tuple[str, int], tls: bool, session_id: int) -> Connection:
+    def session_config(self, host: str, tls: bool, session_id: str) -> Config:
+        """The core's Config for a client at *host* (may ask the authenticator: a Call)."""
         opts = self._options
         cleartext = opts["cleartext_auth"]
-        plain_ok = bool(cleartext is True or (cleartext == "loopback" and is_loopback(peer[0])))
+        plain_ok = bool(cleartext is True or (cleartext == "loopback" and is_loopback(host)))
         auth = opts["auth"]
         key = (
             plain_ok,
             tls,
-            bool(getattr(auth, "has_cleartext", True)),
-            bool(getattr(auth, "has_scram", False)),
+            bool(_capability(auth, "has_cleartext", False)),
+            bool(_capability(auth, "has_scram", False)),
         )
         config = self._config_cache.get(key)
         if config is None:
-            config = self._make_config(plain_ok, tls)
-            self._config_cache[key] = config
+            config = self._config_cache[key] = self._make_config(opts, plain_ok=plain_ok, tls=tls)
         trace = opts["trace"]
         if trace is not None:
             config = replace(config, trace=lambda d, line: trace(session_id, d, line))
-        return Connection(config, tls=tls)
+        return config
 
-    def _make_config(self, plain_ok: bool, tls: bool) -> Config:
-        opts = self._options
+    def _make_config(self, opts: dict[str, Any], *, plain_ok: bool, tls: bool) -> Config:
+        """The core's Config for these options; raises TypeError where the core would refuse."""
         auth = opts["auth"]
         mechs = opts["sasl_mechanisms"]
         if mechs is None:
             mechs = ["PLAIN", "LOGIN"]
-            if auth is not None and getattr(auth, "has_cleartext", False):
+            if auth is not None and _capability(auth, "has_cleartext", False):
                 mechs.append("CRAM-MD5")
-            if auth is not None and getattr(auth, "has_scram", False):
+            if auth is not None and _capability(auth, "has_scram", False):
                 mechs.append("SCRAM-SHA-256")
             if opts["oauth"] is not None:
                 mechs += ["OAUTHBEARER", "XOAUTH2"]
-        return Config(
-            implementation=opts["name"],
-            max_line_length=max(16, opts["max_line_length"]),
-            max_bad_commands=max(1, opts["max_bad_commands"]),
-            max_auth_failures=max(1, opts["max_auth_failures"]),
-            apop=bool(opts["apop"]) and bool(getattr(auth, "has_cleartext", True)),
-            sasl_mechanisms=tuple(m.upper() for m in mechs),
-            cleartext_auth=plain_ok,
-            stls=self._ssl_context() is not None and not tls,
-            utf8=opts["utf8"],
-            login_delay=opts["login_delay"],
-            expire=opts["expire"],
-        )
-
-    def _auth(self) -> Any:
-        return self._options["auth"]
-
-    def _storage(self) -> Any:
-        return self._options["storage"]
-
-    def _dummy_verifier(self) -> Verifier | None:
-        factory = getattr(self._options["auth"], "dummy_verifier", None)
-        if factory is None:
-            return None
+        context = opts["ssl_context"] or self._tls_context
         try:
-            verifier: Verifier = factory()
-        except Exception:
-            return None
-        return verifier
-
-    def _auth_failed(self, host: str) -> float:
-        """Count a failed login from *host*; the delay to apply (2 s doubling to 15 s)."""
-        now = time.monotonic()
-        with self._lock:
-            count, last, _ = self._failures.get(host, (0, now, now))
-            if now - last > 300:
-                count = 0
-            count += 1
-            delay = self._delay(count)
-            self._failures[host] = (count, now, now + delay)
-            if len(self._failures) > 100_000:
-                oldest = sorted(self._failures.items(), key=lambda kv: kv[1][1])[:50_000]
-                for h, _ in oldest:
-                    self._failures.pop(h, None)
-        return delay
-
-    def _delay(self, failures: int) -> float:
-        """The failed-login delay after *failures* recent failures: base doubling to the cap."""
-        base = float(self._options["auth_failure_delay"])
-        cap = float(self._options["auth_failure_delay_max"])
-        return 0.0 if base <= 0 else float(min(base * 2 ** min(failures - 1, 16), cap))
-
-    def _auth_penalty(self, host: str) -> float:
-        """How long a new login attempt from *host* waits before it is checked.
-
-        While *host*'s last failed-login delay is not served (its client hung
-        up on it, or attempts run in parallel), each attempt waits for it and
-        pushes it on by one more delay, so parallel guesses queue up.
-        """
-        now = time.monotonic()
-        with self._lock:
-            entry = self._failures.get(host)
-            if entry is None or entry[2] <= now:
-                return 0.0
-            count, last, until = entry
-            self._failures[host] = (count, last, until + self._delay(count))
-        return until - now
-
-    def _auth_succeeded(self, host: str) -> None:
-        with self._lock:
-            self._failures.pop(host, None)
-
-    def _log_error(self, session: Session, what: str, exc: BaseException) -> None:
-        try:
-            self.logger.warning(
-                "session=%s user=%s: %s: %s: %s",
-                session.id,
-                session.user or "-",
-                what,
-                type(exc).__name__,
-                exc,
+            return Config(
+                implementation=opts["name"],
+                max_line_length=opts["max_line_length"],
+                max_bad_commands=opts["max_bad_commands"],
+                max_auth_failures=opts["max_auth_failures"],
+                apop=bool(opts["apop"]) and bool(_capability(auth, "has_cleartext", True)),
+                sasl_mechanisms=tuple(m.upper() for m in mechs),
+                cleartext_auth=plain_ok,
+                stls=context is not None and not tls,
+                utf8=opts["utf8"],
+                login_delay=opts["login_delay"],
+                expire=opts["expire"],
             )
-        except Exception:
+        except ValueError as exc:
+            raise TypeError(f"options refused by the protocol core: {exc}") from None
+
+    def register(self, driver: SessionDriver) -> str | None:
+        """Count a new session; the refusal text when over a limit or shutting down."""
+        opts = self._options
+        host = driver.peer[0]
+        group = address_group(host, opts["address_ipv6_prefix"])
+        counted = opts["limit_loopback"] or not is_loopback(host)
+        with self._lock:
+            refused = None
+            if self._state == "exiting":
+                refused = "Server shutting down."
+            elif opts["max_connections"] and len(self._sessions) >= opts["max_connections"]:
+                refused = "Too many connections."
+            elif (
+                counted
+                and opts["max_connections_per_address"]
+                and self._addresses.count(group) >= opts["max_connections_per_address"]
+            ):
+                refused = "Too many connections from your address."
+            self._sessions[driver.id] = driver
+            self._started[driver.id] = time.time()
+            self._addresses.add(group)
+        return refused
+
+    def unregister(self, driver: SessionDriver) -> None:
+        """Forget an ended session: its slot is free again."""
+        group = address_group(driver.peer[0], self._options["address_ipv6_prefix"])
+        with self._idle:
+            if self._sessions.pop(driver.id, None) is None:
+                return
+            self._started.pop(driver.id, None)
+            self._killers.pop(driver.id, None)
+            self._addresses.remove(group)
+            self._idle.notify_all()
+
+    def login_wait(self, host: str, now: float) -> float:
+        """Seconds a login attempt from *host* waits before it is checked (queued penalty)."""
+        key = address_group(host, self._options["penalty_ipv6_prefix"])
+        with self._lock:
+            return self._penalties.wait(key, now)
+
+    def login_failed(self, host: str, now: float) -> float:
+        """Count a failed login from *host*; the delay to serve before answering it."""
+        key = address_group(host, self._options["penalty_ipv6_prefix"])
+        with self._lock:
+            return self._penalties.failed(key, now)
+
+    def log_event(self, level: int, message: str, fields: dict[str, Any]) -> None:
+        """Write one session log line with its structured fields (``record.pop3``)."""
+        fields["pid"] = self._pid
+        try:
+            self.logger.log(level, "%s", message, extra={"pop3": fields})
+        except Exception:  # a failing log handler never kills a session
             pass
+
+    def nonce(self) -> str:
+        """A fresh random token (APOP timestamps, SASL nonces)."""
+        return secrets.token_hex(12)
+
+    def wall_clock(self) -> float:
+        """Seconds since the epoch."""
+        return time.time()
+
+    def next_session_id(self) -> str:
+        """``"<pid>-<n>"``: unique across worker processes."""
+        pid = os.getpid()
+        if pid != self._pid:  # a forked worker
+            self._pid = pid
+        return f"{pid}-{next(self._ids)}"
 
 
 def iter_networks(values: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

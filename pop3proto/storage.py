@@ -14,6 +14,7 @@ the facade turns them into ``-ERR [IN-USE]`` / ``-ERR [SYS/TEMP]``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, BinaryIO, Protocol, TypeVar, runtime_checkable
@@ -27,6 +28,7 @@ __all__ = [
     "Authenticator",
     "SafeLog",
     "nonblocking",
+    "runs_inline",
     "MailboxLocked",
     "MailboxRefused",
     "MessageGone",
@@ -46,6 +48,22 @@ def nonblocking(fn: _F) -> _F:
     """
     fn.nonblocking = True  # type: ignore[attr-defined]
     return fn
+
+
+def runs_inline(fn: Any) -> bool:
+    """Whether callback *fn* is declared safe to run on an event loop (no thread hop).
+
+    The declaration is ``@nonblocking`` on the function or method, or
+    ``nonblocking = True`` on the object that owns the method (an in-memory
+    store, a cleartext verifier).  Coroutine functions are awaited on the
+    loop.  Everything else may block, and runs in a worker thread.
+    """
+    if fn is None:
+        return True
+    if getattr(fn, "nonblocking", False) is True or inspect.iscoroutinefunction(fn):
+        return True
+    owner = getattr(fn, "__self__", None)
+    return owner is not None and getattr(owner, "nonblocking", False) is True
 
 
 class SafeLog(logging.LoggerAdapter):  # type: ignore[type-arg]

@@ -30,10 +30,10 @@ class WorkerPool:
     def __init__(self, server: Server, count: int) -> None:
         self.server = server
         self.count = count
-        self.listeners = server.open_listeners()
-        self.ports = {
-            ("pop3s" if tls else "pop3"): s.getsockname()[1] for s, tls in self.listeners
-        }
+        from .transports._common import open_listeners, ports_of
+
+        self.listeners = open_listeners(server)
+        self.ports = ports_of(self.listeners)
         self._pids: set[int] = set()
         self._stopping = False
         self._lock = threading.Lock()

@@ -1,204 +1,136 @@
 """Blocking sockets, one thread per connection (standard library only).
 
-``start(server)`` listens in a background thread (what ``Server.up`` calls);
-``serve(server)`` runs in the caller's thread; ``main()`` is the command.
-The socket timeout is the idle timer: when it fires the session closes
-without an update (RFC 1939 autologout).
+Each thread performs its ``SessionDriver``'s actions with plain blocking
+calls; the socket time-out is set to the driver's deadline before every
+wait.  ``start(server)`` listens in background threads (what ``Server.up``
+calls); ``serve(server)`` serves in the caller's thread until the server is
+destroyed; ``main()`` is the command.
 """
 
 from __future__ import annotations
 
 import socket
-import ssl
 import threading
 import time
 from typing import Any
 
-from pop3proto import NEED_DATA, PAUSED, ConnectionClosed, Data, Phase, RemoteProtocolError
-from pop3proto.proxy import MAX_HEADER, parse_proxy_header
-from pop3proto.server import (
-    START_TLS,
-    Call,
-    Server,
-    Session,
-    Sleep,
-    Step,
-    Steps,
-    run_call_sync,
-)
+from pop3proto.driver import CLOSE, RECEIVE, START_TLS, Call, SessionDriver, Write
+from pop3proto.server import Server
+
+from ._common import ProxyReader, open_listeners, ports_of, quickack, run_call
 
 __all__ = ["main", "serve", "start"]
 
 _RECV = 16384  # a waiting thread holds a buffer this big: keep idle sessions small
+_REFUSE_WAIT = 1.0  # the most a refusal line may take to send (from the accept thread)
 
 
-def _once(step: Step) -> Steps:
-    yield step
-
-
-def _proxied_peer(server: Server, sock: socket.socket, peer: Any) -> Any:
-    """The client address from a PROXY header, or None to drop the connection.
-
-    The header is peeked and then consumed exactly, so bytes after it (a TLS
-    ClientHello on the implicit-TLS port) stay in the socket.
-    """
-    if not server.proxy_trusted(peer[0]):
-        return None
-    deadline = time.monotonic() + (server.cget("handshake_timeout") or 30.0)
-    sock.settimeout(server.cget("handshake_timeout") or None)
-    seen = -1
-    while time.monotonic() < deadline:
-        data = sock.recv(MAX_HEADER, socket.MSG_PEEK)
-        if not data:
-            return None
-        try:
-            parsed = parse_proxy_header(data)
-        except ValueError:
-            return None
-        if parsed is not None:
-            header, size = parsed
-            while size:
-                size -= len(sock.recv(size))
-            return header.source or peer
-        if len(data) == seen:
-            time.sleep(0.01)
-        seen = len(data)
-    return None
+def _timeout(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class _Client:
-    """One connection's socket and session, run in its own thread."""
+    """One connection: a socket and the driver whose actions this thread performs."""
 
     def __init__(self, server: Server, sock: socket.socket, peer: Any, tls: bool) -> None:
-        self.server = server
-        self.sock: socket.socket = sock
-        self.session: Session = server.open_session(peer[:2], tls=tls)
-        self.conn = self.session.conn
-        self.tls = tls
-        self.gone = False
-        self.killed = threading.Event()
-        self.session.set_killer(self._kill)
+        self.sock = sock
+        self.killed = self.writing = False
+        self.driver = SessionDriver(server, peer, tls=tls, now=time.monotonic())
+        server.set_killer(self.driver, self.kill)
 
-    def _kill(self) -> None:
-        self.killed.set()  # wakes a failed-login Sleep too
-        self.sock.shutdown(socket.SHUT_RDWR)
-
-    def flush(self) -> None:
-        """Write what the core has queued.  A write error marks the peer gone.
-
-        Input already received is still processed after that, so a QUIT that
-        arrived before the peer reset still applies its deletions.
-        """
-        data = self.conn.data_to_send()
-        if data and not self.gone:
-            self.sock.settimeout(self.session.idle_timeout() or None)
-            try:
-                self.sock.sendall(data)
-            except (OSError, ValueError):
-                self.gone = True
-
-    def run_steps(self, steps: Steps) -> None:
-        """Carry out a session's steps: responses, calls, sleeps, the TLS switch."""
-        value: Any = None
-        error: BaseException | None = None
-        while True:
-            try:
-                step = steps.throw(error) if error is not None else steps.send(value)
-            except StopIteration:
-                return
-            value = error = None
-            if isinstance(step, Call):
-                try:
-                    value = run_call_sync(step)
-                except Exception as exc:
-                    error = exc
-            elif isinstance(step, Sleep):
-                if self.killed.wait(step.seconds):
-                    raise ConnectionAbortedError("session killed")
-            elif step is START_TLS:
-                self.flush()
-                self.handshake()
-            else:
-                if self.gone and isinstance(step, Data):
-                    raise ConnectionResetError("peer gone during a message")
-                self.conn.send(step)
-                self.flush()
-
-    def handshake(self) -> None:
-        ctx = self.server.ssl_context()
-        assert ctx is not None
-        self.sock.settimeout(self.server.cget("handshake_timeout") or None)
-        # Wrap first and shake hands after, so the killer always sees the live socket.
-        self.sock = ctx.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
-        self.sock.do_handshake()
+    def kill(self) -> None:
+        """End the session from any thread: wake the read; the goodbye is still written."""
+        self.killed = True
+        try:  # a blocked write cannot be followed by a goodbye: cut it off
+            self.sock.shutdown(socket.SHUT_RDWR if self.writing else socket.SHUT_RD)
+        except OSError:
+            pass
 
     def run(self) -> None:
-        conn, session = self.conn, self.session
+        driver, sock = self.driver, self.sock
         try:
-            if self.tls:
-                self.tls = False
-                self.handshake()
-            self.run_steps(session.greet())
             while True:
-                event = conn.next_event()
-                if event is NEED_DATA:
-                    self.flush()  # one write for all the replies to one read
-                    if self.gone:
-                        return
-                    self.sock.settimeout(session.idle_timeout() or None)
+                if self.killed:
+                    driver.shutdown()
+                action = driver.next_action(time.monotonic())
+                if action is RECEIVE:
+                    self.receive()
+                elif isinstance(action, Write):
+                    self.writing = True
                     try:
-                        data = self.sock.recv(_RECV)
-                    except TimeoutError:
-                        self.run_steps(_once(session.timed_out()))
-                        return
-                    session.touch()
-                    conn.receive_data(data)
-                elif event is PAUSED:
-                    self.flush()
-                    if conn.pending is not None:
-                        raise RuntimeError(f"event left unanswered: {conn.pending!r}")
+                        self.sock.settimeout(_timeout(driver.deadline))
+                        self.sock.sendall(action.data)
+                    except (OSError, ValueError) as exc:
+                        driver.connection_lost(exc)
+                    finally:
+                        self.writing = False
+                elif isinstance(action, Call):
+                    try:
+                        driver.call_done(run_call(action))
+                    except Exception as exc:
+                        driver.call_failed(exc)
+                elif action is START_TLS:
+                    self.handshake()
                 else:
-                    self.run_steps(session.handle(event))
-                    if isinstance(event, ConnectionClosed):
-                        self.flush()
-                        return
-        except RemoteProtocolError:
-            self.flush()
-        except (OSError, ssl.SSLError, ValueError):
-            conn.send_failed()
-        except Exception:
-            conn.send_failed()
-            self.server.log.exception("session %s failed", session.id)
+                    assert action is CLOSE
+                    return
         finally:
-            if conn.phase is not Phase.CLOSED and session.end_reason == "Disconnected":
-                session.end_reason = "Connection closed by peer"
-            try:
-                self.sock.close()
-            finally:
-                self.server.close_session(session)
+            sock = self.sock
+            sock.close()
+
+    def receive(self) -> None:
+        driver = self.driver
+        try:
+            self.sock.settimeout(_timeout(driver.deadline))
+            data = self.sock.recv(_RECV)
+        except TimeoutError:
+            return  # the driver sees its deadline has passed
+        except (OSError, ValueError) as exc:
+            if not self.killed:
+                driver.connection_lost(exc)
+            return
+        if self.killed:
+            return  # woken by kill(): the goodbye follows
+        driver.receive_data(data)
+        if data and driver.partial_line:
+            quickack(self.sock)
+
+    def handshake(self) -> None:
+        driver = self.driver
+        try:
+            self.sock.settimeout(_timeout(driver.deadline))
+            # Wrap first and shake hands after, so the killer always sees the live socket.
+            tls = driver.ssl_context.wrap_socket(
+                self.sock, server_side=True, do_handshake_on_connect=False
+            )
+            self.sock = tls
+            tls.do_handshake()
+        except (OSError, ValueError, AttributeError) as exc:
+            driver.connection_lost(exc)
+            return
+        driver.tls_started()
 
 
 class _Handle:
-    """A running blocking server: accept threads, stoppable."""
+    """A running blocking server: accept threads, stoppable (a TransportHandle)."""
 
     def __init__(self, server: Server, listeners: list[tuple[socket.socket, bool]]) -> None:
         self.server = server
         self.listeners = listeners
-        self.ports = {
-            ("pop3s" if tls else "pop3"): sock.getsockname()[1] for sock, tls in listeners
-        }
+        self.ports = ports_of(listeners)
+        self._stopped = threading.Event()
         self._threads = [
             threading.Thread(target=self._accept, args=(sock, tls), daemon=True,
-                             name=f"pop3proto-accept-{sock.getsockname()[1]}")
-            for sock, tls in listeners
+                             name=f"pop3proto-accept-{port}")
+            for (sock, tls), port in zip(listeners, self.ports.values(), strict=True)
         ]
-        self._stopped = threading.Event()
 
     def start(self) -> None:
         for t in self._threads:
             t.start()
 
     def _accept(self, listener: socket.socket, tls: bool) -> None:
+        server = self.server
         while not self._stopped.is_set():
             try:
                 sock, peer = listener.accept()
@@ -207,21 +139,53 @@ class _Handle:
                     return
                 time.sleep(0.01)  # EMFILE and friends: back off, keep serving
                 continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(
-                target=self._start_client, args=(sock, peer, tls), daemon=True
-            ).start()
-
-    def _start_client(self, sock: socket.socket, peer: Any, tls: bool) -> None:
-        if self.server.proxy_expected():
             try:
-                peer = _proxied_peer(self.server, sock, peer)
-            except OSError:
-                peer = None
-            if peer is None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if server.proxy_expected():
+                    if not server.proxy_trusted(peer[0]):
+                        sock.close()
+                        continue
+                    if not self._thread(self._proxied, sock, peer[:2], tls):
+                        sock.close()
+                else:
+                    self._open(sock, peer[:2], tls)
+            except Exception as exc:  # one connection's failure never stops the listener
+                server.log.warning("could not set up a connection from %s: %s", peer[0], exc)
                 sock.close()
-                return
-        _Client(self.server, sock, peer, tls).run()
+
+    def _thread(self, target: Any, *args: Any) -> bool:
+        """Run *target* in a new thread; False (and nothing started) if no thread can be had."""
+        try:
+            threading.Thread(target=target, args=args, daemon=True).start()
+        except RuntimeError as exc:  # a pids/task limit (containers, RLIMIT_NPROC)
+            self.server.log.warning("cannot start a thread: %s", exc)
+            return False
+        return True
+
+    def _open(self, sock: socket.socket, peer: Any, tls: bool) -> None:
+        client = _Client(self.server, sock, peer, tls)
+        if client.driver.refused is None and self._thread(client.run):
+            return
+        # Refused (over a limit), or no thread for it: answer from here, briefly.
+        if client.driver.refused is None:
+            client.driver.shutdown("Server is busy, try again later.")
+        sock.settimeout(_REFUSE_WAIT)
+        client.run()
+
+    def _proxied(self, sock: socket.socket, peer: Any, tls: bool) -> None:
+        """Read the PROXY header (exactly), then run the session in this thread."""
+        reader = ProxyReader(peer)
+        deadline = time.monotonic() + (self.server.cget("handshake_timeout") or 30.0)
+        try:
+            source = None
+            while source is None:
+                sock.settimeout(_timeout(deadline))
+                source = reader.feed(sock.recv(reader.want()))
+        except (OSError, ValueError):
+            sock.close()
+            return
+        client = _Client(self.server, sock, source, tls)
+        client.run()
 
     def stop_listening(self) -> None:
         self._stopped.set()
@@ -235,13 +199,13 @@ class _Handle:
     def join(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._threads:
-            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            t.join(_timeout(deadline))
         return not any(t.is_alive() for t in self._threads)
 
 
 def start(server: Server) -> _Handle:
     """Listen and serve in background threads; returns once the ports are bound."""
-    handle = _Handle(server, server.open_listeners())
+    handle = _Handle(server, open_listeners(server))
     handle.start()
     return handle
 
@@ -251,8 +215,8 @@ def serve(server: Server) -> None:
     if server.state != "up":
         server.up()
     handle = server._handle
-    assert handle is not None
-    handle.join(None)
+    if handle is not None:
+        handle.join(None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,147 @@
+"""What every transport shares: listening sockets, start-up, PROXY headers, running calls.
+
+The transports differ only in how they wait (a thread per connection,
+one selector, anyio tasks); everything else is written here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import socket
+import sys
+from typing import TYPE_CHECKING, Any
+
+from pop3proto.driver import Call
+from pop3proto.proxy import MAX_HEADER, V2_SIGNATURE, parse_proxy_header
+
+if TYPE_CHECKING:
+    from pop3proto.server import Server, TransportHandle
+
+__all__ = [
+    "ProxyReader",
+    "listen",
+    "open_listeners",
+    "quickack",
+    "run_call",
+    "start",
+]
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The default listener: TCP, SO_REUSEADDR, a deep backlog, dual-stack for '::'."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server(
+        (host, port),
+        family=family,
+        backlog=4096,
+        reuse_port=False,
+        dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6(),
+    )
+
+
+def open_listeners(server: Server) -> list[tuple[socket.socket, bool]]:
+    """Bind the listening sockets: (socket, implicit TLS?) for ``port`` and ``pop3s_port``.
+
+    ``socket_factory(host, port)`` (pop3d's ``-socket``) makes each one when set.
+
+    Raises:
+        OSError: a port is in use or the address is not available.
+        ValueError: ``pop3s_port`` without a TLS context.
+    """
+    factory = server.cget("socket_factory") or listen
+    host = server.cget("host")
+    pop3s = server.cget("pop3s_port")
+    if pop3s is not None and server.ssl_context() is None:
+        raise ValueError("pop3s_port needs ssl_context or tls_cert/tls_key")
+    out = [(factory(host, server.cget("port")), False)]
+    if pop3s is not None:
+        try:
+            out.append((factory(host, pop3s), True))
+        except OSError:
+            out[0][0].close()
+            raise
+    return out
+
+
+def ports_of(listeners: list[tuple[socket.socket, bool]]) -> dict[str, int]:
+    """``{"pop3": n}`` plus ``"pop3s"``: the bound ports."""
+    return {("pop3s" if tls else "pop3"): s.getsockname()[1] for s, tls in listeners}
+
+
+def start(server: Server) -> TransportHandle:
+    """Listen and serve in the background with the configured transport (or workers)."""
+    if server.cget("workers") > 1:
+        from pop3proto.workers import WorkerPool
+
+        return WorkerPool(server, server.cget("workers"))
+    module = importlib.import_module(f"pop3proto.transports.{server.cget('transport')}")
+    handle: TransportHandle = module.start(server)
+    return handle
+
+
+def run_call(call: Call) -> Any:
+    """Run a Call in this thread (a coroutine result is run to completion with asyncio)."""
+    result = call.fn(*call.args)
+    if inspect.isawaitable(result):
+        return asyncio.run(_await(result))
+    return result
+
+
+async def _await(value: Any) -> Any:
+    return await value
+
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+def quickack(sock: socket.socket) -> None:
+    """ACK at once: the client sent part of a line and (Nagle) waits for our ACK."""
+    if _QUICKACK is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        except OSError:
+            pass
+
+
+class ProxyReader:
+    """Reads a PROXY header exactly, never past it (TLS bytes after it stay unread).
+
+    ``want()`` says how many octets to read next; ``feed(data)`` returns the
+    client address once the header is complete (the connection's own peer
+    for LOCAL headers) and raises ValueError for anything malformed.
+    """
+
+    def __init__(self, peer: tuple[str, int]) -> None:
+        self.peer = peer
+        self.buf = b""
+
+    def want(self) -> int:
+        """Octets to read next (at least 1)."""
+        buf = self.buf
+        if len(buf) >= 16 and buf.startswith(V2_SIGNATURE):
+            return max(1, min(16 + int.from_bytes(buf[14:16], "big") - len(buf), MAX_HEADER))
+        return max(1, 15 - len(buf)) if len(buf) < 15 else 1  # 15: the shortest header
+
+    def feed(self, data: bytes) -> tuple[str, int] | None:
+        """Add *data* (b"" at EOF); the client's address when the header is complete."""
+        if not data:
+            raise ValueError("EOF in PROXY header")
+        self.buf += data
+        parsed = parse_proxy_header(self.buf)
+        if parsed is None:
+            if len(self.buf) >= MAX_HEADER:
+                raise ValueError("PROXY header too long")
+            return None
+        return parsed[0].source or self.peer
+
+
+def missing_extra(transport: str, extra: str, exc: ImportError) -> None:
+    """Exit with a one-line message naming the extra to install (no traceback)."""
+    print(
+        f"python -m pop3proto.transports.{transport}: needs the '{extra}' extra "
+        f"(pip install 'pop3proto[{extra}]'): {exc}",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
