@@ -9,7 +9,10 @@ measured on a heap grown by earlier workloads), which is stopped by PID
 right after.  Within a repetition the servers take turns on each workload
 (sessions, pipelined, retr-large, login, idle), and their order rotates
 between repetitions, so drift in the machine's state (caches, other
-engineers' load) does not favour one server.  With two or more CPUs the server
+engineers' load) does not favour one server.  The throughput workloads are driven by
+one uvloop process (``aload.py``; ``pip install uvloop``), or with ``--load blocking``
+by the old forked blocking clients; ``--nice`` gives every server and the load one
+niceness.  With two or more CPUs the server
 runs on the first allowed CPU and this driver and its load processes on the
 second.  The table shows each figure's median over the repetitions and its
 ratio to Dovecot's, then the issue's targets with PASS/FAIL.  Raw results go
