@@ -24,7 +24,7 @@ mutations of the protocol bytes keep their meaning.
 * ``sasl``: ``mechanism_for(name).step(data)`` for every mechanism, several
   steps (SCRAM's ``server_first`` included): never raises, always returns
   one of the documented step types.
-* ``session``: ``Server``'s ``Session`` over ``MemoryStorage`` and
+* ``session``: the session driver (``Server``'s policy) over ``MemoryStorage`` and
   ``DictAuthenticator``, its steps run synchronously: no exception but the
   core's ``RemoteProtocolError``.
 
@@ -87,9 +87,11 @@ with _instrument:
         Update,
     )
     from pop3proto.auth import ScramSecret
+    from pop3proto.driver import CLOSE, RECEIVE, START_TLS, Call, SessionDriver, Write
     from pop3proto.memstore import MemoryStorage
     from pop3proto.passwd import DictAuthenticator
-    from pop3proto.server import START_TLS, Call, Server, Sleep, run_call_sync
+    from pop3proto.server import Server
+    from pop3proto.transports._common import run_call
 
 HEADER = 4  # control bytes in front of every input
 
@@ -319,28 +321,8 @@ def make_server() -> Server:
 _SERVER: Server | None = None
 
 
-def run_steps(session: Any, steps: Any, wire: bytearray) -> None:
-    value: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            step = steps.throw(error) if error is not None else steps.send(value)
-        except StopIteration:
-            return
-        value = error = None
-        if isinstance(step, Call):
-            try:
-                value = run_call_sync(step)
-            except Exception as exc:
-                error = exc
-        elif isinstance(step, Sleep) or step is START_TLS:
-            pass
-        else:
-            session.conn.send(step)
-        wire += session.conn.data_to_send()
-
-
 def session_target(data: bytes) -> None:
+    """The full server policy through the session driver, with a fake clock and no sockets."""
     global _SERVER
     if len(data) < HEADER:
         return
@@ -348,35 +330,35 @@ def session_target(data: bytes) -> None:
         _SERVER = make_server()
     server = _SERVER
     rng = random.Random(data[3])
-    session = server.open_session(("192.0.2.1", 1000 + data[0]), tls=bool(data[2] & 1))
+    now = 0.0
+    driver = SessionDriver(server, ("192.0.2.1", 1000 + data[0]), tls=bool(data[2] & 1), now=now)
+    chunks = [*split(rng, data[HEADER:]), b""]
     wire = bytearray()
-    try:
-        run_steps(session, session.greet(), wire)
-        conn = session.conn
-        chunks = [*split(rng, data[HEADER:]), b""]
-        for chunk in chunks:
-            conn.receive_data(chunk)
-            while True:
-                try:
-                    event = conn.next_event()
-                except RemoteProtocolError:
-                    wire += conn.data_to_send()
-                    return
-                wire += conn.data_to_send()
-                if event is NEED_DATA:
-                    break
-                if event is PAUSED:
-                    assert conn.pending is None
-                    continue
-                run_steps(session, session.handle(event), wire)
-                if isinstance(event, ConnectionClosed):
-                    return
-                if conn.pending is not None:
-                    raise AssertionError(f"event left unanswered: {conn.pending!r}")
-    finally:
-        server.close_session(session)
-        check_output(bytes(wire))
-        assert session.locked is False
+    for _ in range(100_000):  # every action ends or asks for input; this only bounds a bug
+        now += 0.001
+        action = driver.next_action(now)
+        if action is RECEIVE:
+            if chunks:
+                driver.receive_data(chunks.pop(0))
+            else:  # nothing more will come: let the deadline pass
+                now = (driver.deadline or now) + 1
+        elif isinstance(action, Write):
+            wire += action.data
+        elif isinstance(action, Call):
+            try:
+                driver.call_done(run_call(action))
+            except Exception as exc:
+                driver.call_failed(exc)
+        elif action is START_TLS:
+            driver.tls_started()
+        else:
+            assert action is CLOSE
+            break
+    else:
+        raise AssertionError("the driver never closed")
+    check_output(bytes(wire))
+    assert driver.policy.locked is False
+    assert driver.id not in server.connections()
 
 
 TARGETS: dict[str, Callable[[bytes], None]] = {

@@ -829,7 +829,7 @@ def _timed_failure(c: Raw, password: str = "wrong") -> float:
     return elapsed
 
 
-def test_failed_login_delay_grows_per_address_and_resets_after_success() -> None:
+def test_failed_login_delay_grows_per_address_and_a_success_does_not_reset_it() -> None:
     base = 0.1
     with running(
         auth=DictAuthenticator({"alice": "pw"}),
@@ -853,13 +853,14 @@ def test_failed_login_delay_grows_per_address_and_resets_after_success() -> None
         if other is not None:
             with other:
                 assert _timed_failure(other) < 4 * base
-        # a success from the same address resets its count
-        with Raw(port) as c:
-            assert c.login("alice", "pw").startswith(b"+OK")
-            assert c.cmd("QUIT").startswith(b"+OK")
-        with Raw(port) as c:
-            after = _timed_failure(c)
-        assert base * 0.95 <= after < 6 * base  # not 8 * base
+        # a success from the same address does not reset its count (an attacker
+            # with one account must not guess faster): penalties decay with time only
+            with Raw(port) as c:
+                assert c.login("alice", "pw").startswith(b"+OK")
+                assert c.cmd("QUIT").startswith(b"+OK")
+            with Raw(port) as c:
+                after = _timed_failure(c)
+            assert after >= 4 * base * 0.95  # not back to the first step
 
 
 def test_failed_login_delay_is_capped() -> None:
