@@ -72,6 +72,16 @@ def deadline(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
+def full_path(path: Any, dir_fd: int | None = None) -> str:
+    """The path *path* names: a descriptor or a name relative to *dir_fd* made whole."""
+    if isinstance(path, int):
+        return os.readlink(f"/proc/self/fd/{path}")
+    p = os.fspath(path)
+    if dir_fd is not None:
+        return os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), p)
+    return str(p)
+
+
 @contextmanager
 def count_opens(root: Path) -> Iterator[list[str]]:
     """Record every os.open of a file under a cur/ or new/ directory of *root*."""
@@ -79,8 +89,8 @@ def count_opens(root: Path) -> Iterator[list[str]]:
     real = os.open
 
     def spy(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        p = os.fspath(path)
-        if isinstance(p, str) and p.startswith(str(root)) and ("/cur/" in p or "/new/" in p):
+        p = full_path(path, kwargs.get("dir_fd"))
+        if p.startswith(str(root)) and ("/cur/" in p or "/new/" in p):
             seen.append(p)
         return real(path, flags, *args, **kwargs)
 
@@ -149,11 +159,11 @@ def test_new_file_vanishing_during_move_is_tolerated(
     put(tmp_path, f"{T0}.M2P1.h", b"b\n", sub="new")
     real = os.rename
 
-    def racing_rename(src: Any, dst: Any) -> None:
+    def racing_rename(src: Any, dst: Any, **kwargs: Any) -> None:
         if str(src).endswith("M1P1.h"):
-            os.unlink(src)  # another MUA took it first
+            os.unlink(src, dir_fd=kwargs.get("src_dir_fd"))  # another MUA took it first
             raise FileNotFoundError(errno.ENOENT, "gone", src)
-        real(src, dst)
+        real(src, dst, **kwargs)
 
     monkeypatch.setattr(os, "rename", racing_rename)
     assert [m.key for m in session(store)] == [f"{T0}.M2P1.h"]
@@ -280,7 +290,8 @@ def test_missing_maildrop_is_empty_and_not_created(tmp_path: Path) -> None:
 def test_create_makes_the_maildrop(tmp_path: Path) -> None:
     store = MaildirStorage(tmp_path / "root", create=True)
     assert session(store, "carol") == []
-    assert files(tmp_path / "root", "", "carol") == ["cur", "new", "pop3proto.lock", "tmp"]
+    assert files(tmp_path / "root", "", "carol") == ["cur", "new", "tmp"]
+    assert sorted(os.listdir(tmp_path / "root")) == [".pop3proto-locks", "carol"]
 
 
 def test_methods_need_the_lock(store: MaildirStorage) -> None:
@@ -546,7 +557,7 @@ def test_crash_mid_deletion_is_rolled_forward(
     done: list[str] = []
 
     def dying_unlink(path: Any, *args: Any, **kwargs: Any) -> None:
-        if "/cur/" in str(path) and done:
+        if "/cur/" in full_path(path, kwargs.get("dir_fd")) and done:
             raise Crash
         done.append(str(path))
         real(path, *args, **kwargs)
@@ -608,8 +619,8 @@ def count_lists(root: Path) -> Iterator[list[str]]:
         real = getattr(os, name)
 
         def spy(path: Any = ".", *, _real: Any = real) -> Any:
-            if str(os.fspath(path)).startswith(str(root)):
-                seen.append(os.fspath(path))
+            if full_path(path).startswith(str(root)):
+                seen.append(full_path(path))
             return _real(path)
 
         mp.setattr(os, name, spy)
