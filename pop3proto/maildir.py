@@ -760,9 +760,7 @@ class MaildirStorage:
 
     # -- delivery ------------------------------------------------------------
 
-    def deliver(
-        self, mailbox: str, data: bytes | BinaryIO, *, max_size: int | None = None
-    ) -> str:
+    def deliver(self, mailbox: str, data: bytes | BinaryIO, *, max_size: int | None = None) -> str:
         """Deliver a message the Maildir way (``tmp/`` then ``new/``); return its unique name.
 
         *data* is the message's bytes or a binary stream, copied in chunks (memory

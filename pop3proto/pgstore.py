@@ -75,7 +75,7 @@ from .maildir import MaildirStorage, valid_mailbox_name
 # Private, but the one parser of "{SCHEME}..." fields: the users table holds
 # exactly what a passwd-file does, so it must accept exactly the same.
 from .passwd import dummy_for, hash_cost, parse_secret, user_name_problem
-from .storage import MessageGone, StorageError
+from .storage import MailboxRefused, MessageGone, StorageError
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -842,7 +842,9 @@ def import_maildir(
     not download them again, and keep their order.  Each user is one
     transaction; running the import again adds only what is new (a message is
     "present" when a row with its UIDL has the same bytes).  Like a POP3
-    login, the scan moves ``new/`` into ``cur/``; nothing is deleted.
+    login, the scan moves ``new/`` into ``cur/``; nothing is deleted.  No
+    symlink is followed: a maildrop that is one, or whose ``cur``, ``new`` or
+    ``tmp`` is one, is skipped with a warning (the POP3 server refuses it too).
 
     Args:
         users: the maildrops to import; default every directory under *root*
@@ -856,26 +858,55 @@ def import_maildir(
     log = logger if logger is not None else _log
     base = os.fspath(root)
     if users is None:
-        try:
-            entries = sorted(os.listdir(base))
-        except OSError as e:
-            raise StorageError(f"cannot list {base!r}: {e.strerror or e}") from e
-        users = [
-            u for u in entries
-            if valid_mailbox_name(u) and any(os.path.isdir(os.path.join(base, u, s))
-                                             for s in ("cur", "new"))
-        ]  # fmt: skip
+        users = _maildir_users(base, log)
     maildir = MaildirStorage(base, logger=log)
     results: list[ImportResult] = []
-    with _connect(target) as conn:
-        for user in users:
-            if not maildir.lock(user):
-                raise StorageError(f"maildrop {user!r} is locked by a POP3 session")
-            try:
-                results.append(_import_one(conn, maildir, user, log))
-            finally:
-                maildir.unlock(user)
+    try:
+        with _connect(target) as conn:
+            for user in users:
+                try:  # never follows a link: the maildrop and cur/new/tmp are opened O_NOFOLLOW
+                    locked = maildir.lock(user)
+                except MailboxRefused:
+                    continue  # logged by the Maildir reader; the other users go on
+                if not locked:
+                    raise StorageError(f"maildrop {user!r} is locked by a POP3 session")
+                try:
+                    results.append(_import_one(conn, maildir, user, log))
+                finally:
+                    maildir.unlock(user)
+    finally:
+        maildir.close()
     return results
+
+
+def _maildir_users(base: str, log: logging.Logger) -> list[str]:
+    """The valid mailbox names under *base* that are directories holding ``cur`` or ``new``.
+
+    Nothing is followed: a symlinked maildrop, ``cur`` or ``new`` is left out
+    (with a warning), as the POP3 server refuses it.
+    """
+    try:
+        with os.scandir(base) as it:
+            entries = sorted((e.name, e) for e in it if valid_mailbox_name(e.name))
+    except OSError as e:
+        raise StorageError(f"cannot list {base!r}: {e.strerror or e}") from e
+    users = []
+    for name, entry in entries:
+        try:
+            if entry.is_symlink():
+                log.warning("skipping maildrop %r: it is a symlink", name)
+                continue
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            with os.scandir(entry.path) as it:
+                subs = {e.name: e.is_dir(follow_symlinks=False) for e in it
+                        if e.name in ("cur", "new")}  # fmt: skip
+        except OSError as e:
+            log.warning("skipping maildrop %r: %s", name, e.strerror or e)
+            continue
+        if any(subs.values()):
+            users.append(name)
+    return users
 
 
 def _import_one(

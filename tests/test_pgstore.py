@@ -860,3 +860,32 @@ def test_deliver_command(db: str, cluster: pgserver.PgCluster) -> None:
     assert len(result.stderr.splitlines()) == 1
     assert b"missing" in result.stderr
     assert count(db) == 1
+
+
+def test_import_never_follows_a_link(
+    db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "mail"
+    store = MaildirStorage(root, create=True)
+    for user in ("alice", "bob", "carol", "mallory"):
+        store.deliver(user, f"{user}'s own\n".encode())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "1700000000.M1P1.secret:2,").write_bytes(b"secret\n")
+    for user, sub in (("bob", "cur"), ("carol", "new")):
+        os.rename(root / user / sub, root / user / f"{sub}.real")
+        os.symlink(outside, root / user / sub)
+    os.symlink("alice", root / "linked")  # a second name for alice's maildrop
+    (root / "dave").mkdir()
+    os.symlink(outside, root / "dave" / "cur")  # only a linked cur/: not a maildrop
+    with caplog.at_level(logging.WARNING):
+        results = import_maildir(db, root)
+    assert [(r.user, r.imported) for r in results] == [("alice", 1), ("mallory", 1)]
+    assert sql(db, "SELECT count(*) FROM messages WHERE data = 'secret\n'::bytea")[0][0] == 0
+    text = caplog.text
+    assert "'bob': cur/ is a link" in text
+    assert "'carol': new/ is a link" in text
+    assert "'linked': it is a symlink" in text
+    assert (outside / "1700000000.M1P1.secret:2,").read_bytes() == b"secret\n"
+    assert import_maildir(db, root, ["bob"]) == []  # named explicitly: skipped the same way
+    assert sorted(os.listdir(outside)) == ["1700000000.M1P1.secret:2,"]
