@@ -3,10 +3,25 @@
 The maildrop of user *u* is ``ROOT/u/{cur,new,tmp}``.  What this module adds
 to plain Maildir, and why:
 
-* **Locking.**  ``flock`` on ``ROOT/u/pop3proto.lock``, opened anew for each
-  ``lock`` call.  flock locks belong to the open file description, so two
-  sessions of one process exclude each other as two processes do, and the
-  kernel drops the lock when a process dies: there is no stale lock to clean.
+* **Containment.**  No path is ever resolved through a symlink: ROOT is
+  opened once, and each operation opens the maildrop under it, then ``cur``,
+  ``new`` and ``tmp`` under that, each with ``O_DIRECTORY|O_NOFOLLOW``, and
+  names every file, cache and journal relative to those descriptors
+  (``dir_fd=``, ``os.scandir(fd)``).  A maildrop that is a link, or whose
+  ``cur``/``new``/``tmp`` is one (or not a directory), is refused with
+  ``MailboxRefused`` and a warning; one swapped after ``lock`` (another
+  inode) fails the operation.  Nothing is kept open between operations.
+* **Locking.**  One byte per maildrop (at a 62-bit hash of its name) of one
+  shared file, ``ROOT/.pop3proto-locks``, locked with an open-file-description
+  lock (``F_OFD_SETLK``).  The file is opened once per process (again in a
+  forked child), so an idle session holds no descriptor; two sessions of one
+  process exclude each other through an in-process table and through two
+  instances' separate open files, two processes through the kernel, which
+  drops the locks of a process that dies: there is no stale lock to clean.
+  Where OFD locks are missing (not 64-bit Linux) or the shared file cannot
+  be opened, ``flock`` on ``ROOT/u/pop3proto.lock``, held open for the
+  session, as before.  The two schemes do not see each other: run one
+  version of pop3proto per root.
 * **Sizes.**  POP3 lists CRLF sizes (``_writers.wire_size`` is the rule).
   Dovecot's ``,W=`` name field is trusted (unless a ``,S=`` beside it
   contradicts the file size); otherwise the size is measured once and
