@@ -125,11 +125,29 @@ def _add_pg_migrate(commands: argparse._SubParsersAction[argparse.ArgumentParser
     _HANDLERS["pg-migrate"] = _pg_migrate
 
 
+_MAX_SIZE = 100 * 1024 * 1024  # deliver's default cap on a message, bytes
+
+
 def _deliver(args: argparse.Namespace) -> int:
+    """Stream standard input into a maildrop; nothing is stored if it is over --max-size."""
+    if args.max_size < 0:
+        return _error("deliver", "--max-size must be at least 0")
+    if args.maildir is not None:
+        from .maildir import MaildirStorage, MessageTooBig
+
+        try:
+            name = MaildirStorage(args.maildir).deliver(
+                args.user, sys.stdin.buffer, max_size=args.max_size
+            )
+        except MessageTooBig as exc:
+            return _error("deliver", str(exc))
+        except Exception as exc:  # StorageError, OSError: one line, status 2
+            return _pg_failure("deliver", exc)
+        print(name)
+        return 0
     pg = _pgstore("deliver")
     if pg is None:
         return 2
-    data = sys.stdin.buffer.read()
     try:
         import psycopg
 
@@ -137,7 +155,7 @@ def _deliver(args: argparse.Namespace) -> int:
             known = conn.execute("SELECT 1 FROM users WHERE name = %s", (args.user,))
             if not args.any_user and known.fetchone() is None:
                 return _error("deliver", f"no such user {args.user!r}")
-            pg.deliver(conn, args.user, data)
+            pg.deliver(conn, args.user, sys.stdin.buffer, max_size=args.max_size)
     except Exception as exc:
         return _pg_failure("deliver", exc)
     return 0
@@ -146,13 +164,20 @@ def _deliver(args: argparse.Namespace) -> int:
 def _add_deliver(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "deliver",
-        help="store a message from standard input in PostgreSQL (an MDA)",
-        description="Read one message from standard input and store it in USER's maildrop "
-        "in PostgreSQL.  Exit 0 when stored; on any error, one line on stderr and exit 2.",
+        help="store a message from standard input in PostgreSQL or a Maildir (an MDA)",
+        description="Read one message from standard input and store it in USER's maildrop, "
+        "in PostgreSQL (--db) or under a Maildir root (--maildir: tmp/, then new/).  The "
+        "input is streamed (memory stays flat); a message over --max-size is not stored.  "
+        "Exit 0 when stored; on any error, one line on stderr and exit 2.",
     )
-    parser.add_argument("--db", required=True, metavar="CONNINFO", help=_DB_HELP)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--db", metavar="CONNINFO", help=_DB_HELP)
+    where.add_argument("--maildir", metavar="ROOT",
+                       help="deliver to ROOT/USER/{tmp,new}; prints the file's name")  # fmt: skip
     parser.add_argument("--any-user", action="store_true",
                         help="deliver even if USER is not in the users table")  # fmt: skip
+    parser.add_argument("--max-size", type=int, default=_MAX_SIZE, metavar="BYTES",
+                        help=f"refuse a larger message (default {_MAX_SIZE})")  # fmt: skip
     parser.add_argument("user", metavar="USER")
     _HANDLERS["deliver"] = _deliver
 

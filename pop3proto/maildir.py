@@ -3,10 +3,25 @@
 The maildrop of user *u* is ``ROOT/u/{cur,new,tmp}``.  What this module adds
 to plain Maildir, and why:
 
-* **Locking.**  ``flock`` on ``ROOT/u/pop3proto.lock``, opened anew for each
-  ``lock`` call.  flock locks belong to the open file description, so two
-  sessions of one process exclude each other as two processes do, and the
-  kernel drops the lock when a process dies: there is no stale lock to clean.
+* **Containment.**  No path is ever resolved through a symlink: ROOT is
+  opened once, and each operation opens the maildrop under it, then ``cur``,
+  ``new`` and ``tmp`` under that, each with ``O_DIRECTORY|O_NOFOLLOW``, and
+  names every file, cache and journal relative to those descriptors
+  (``dir_fd=``, ``os.scandir(fd)``).  A maildrop that is a link, or whose
+  ``cur``/``new``/``tmp`` is one (or not a directory), is refused with
+  ``MailboxRefused`` and a warning; one swapped after ``lock`` (another
+  inode) fails the operation.  Nothing is kept open between operations.
+* **Locking.**  One byte per maildrop (at a 62-bit hash of its name) of one
+  shared file, ``ROOT/.pop3proto-locks``, locked with an open-file-description
+  lock (``F_OFD_SETLK``).  The file is opened once per process (again in a
+  forked child), so an idle session holds no descriptor; two sessions of one
+  process exclude each other through an in-process table and through two
+  instances' separate open files, two processes through the kernel, which
+  drops the locks of a process that dies: there is no stale lock to clean.
+  Where OFD locks are missing (not 64-bit Linux) or the shared file cannot
+  be opened, ``flock`` on ``ROOT/u/pop3proto.lock``, held open for the
+  session, as before.  The two schemes do not see each other: run one
+  version of pop3proto per root.
 * **Sizes.**  POP3 lists CRLF sizes (``_writers.wire_size`` is the rule).
   Dovecot's ``,W=`` name field is trusted (unless a ``,S=`` beside it
   contradicts the file size); otherwise the size is measured once and
@@ -39,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import itertools
@@ -47,22 +63,27 @@ import os
 import re
 import socket
 import stat
+import struct
+import sys
 import threading
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ._maildrop import MessageInfo, valid_uid
-from ._writers import wire_size
-from .storage import MessageGone, SafeLog, StorageError, nonblocking
+from ._writers import WireSizer
+from .storage import MailboxRefused, MessageGone, SafeLog, StorageError, nonblocking
 
-__all__ = ["MaildirStorage", "valid_mailbox_name"]
+__all__ = ["MaildirStorage", "MessageTooBig", "valid_mailbox_name"]
 
 _READ_MAX = 1 << 20  # the most read at once to measure a message
 _CHUNK = 64 * 1024
-_LOCK = "pop3proto.lock"
+_COPY_CHUNK = 256 * 1024  # what deliver copies at once
+_LOCK = "pop3proto.lock"  # per maildrop, where OFD locks are not available
+_LOCKS = ".pop3proto-locks"  # one per storage root: a byte per maildrop
 _CACHE = "pop3proto-cache"
 _CACHE_MAGIC = "pop3proto-cache\t2"  # version 1 was JSON: ignored
 _JOURNAL = "pop3proto-journal"
@@ -83,6 +104,13 @@ _WFLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
 # O_NOFOLLOW: a symlink in a maildrop is never a message (the server may run as
 # root; a link to /etc/shadow must not be served).
 _RFLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
+_DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Open-file-description locks (Linux): owned by the open file, not the process,
+# so one file descriptor per process can hold a byte lock per maildrop.
+_OFD_SETLK: int | None = getattr(fcntl, "F_OFD_SETLK", None)
+_FLOCK = "hhqqi4x"  # struct flock on 64-bit Linux: type, whence, start, len, pid
+if sys.platform != "linux" or struct.calcsize("P") != 8:
+    _OFD_SETLK = None
 _counter = itertools.count(1)
 _counter_lock = threading.Lock()
 
@@ -133,10 +161,12 @@ class _Listing:
 
 @dataclass(slots=True)
 class _Held:
-    """One locked maildrop: its directory, lock fd (None: no maildrop existed), scan state."""
+    """One locked maildrop: how it is locked, what it is, the scan state."""
 
-    d: str
-    fd: int | None
+    ident: tuple[int, int] | None = None  # the maildrop's (st_dev, st_ino); None: none existed
+    offset: int = -1  # the byte held in the shared lock file; -1: none
+    fd: int = -1  # a per-maildrop lock file (no OFD locks); -1: none
+    ready: bool = False  # False while lock() is still taking it
     paths: dict[str, str] = field(default_factory=dict)  # key -> "cur/<name>"
     listing: _Listing | None = None
 
@@ -190,13 +220,13 @@ def _uid_from_key(key: str) -> str:
     return hashlib.md5(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _open_fd(path: str) -> tuple[int, os.stat_result]:
-    """Open *path* for reading; MessageGone unless it is a regular file (OSError if absent).
+def _open_fd(name: str, dir_fd: int) -> tuple[int, os.stat_result]:
+    """Open *name* in the directory *dir_fd* for reading; MessageGone unless a regular file.
 
-    ``O_NONBLOCK`` keeps a FIFO from hanging the open; it is left set, as it
-    changes nothing for a regular file.
+    OSError if absent.  ``O_NONBLOCK`` keeps a FIFO from hanging the open; it
+    is left set, as it changes nothing for a regular file.
     """
-    fd = os.open(path, _RFLAGS)
+    fd = os.open(name, _RFLAGS, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
     except BaseException:
@@ -204,17 +234,29 @@ def _open_fd(path: str) -> tuple[int, os.stat_result]:
         raise
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise MessageGone(f"{path!r} is not a regular file")
+        raise MessageGone(f"{name!r} is not a regular file")
     return fd, st
 
 
-def _measure(path: str) -> tuple[int, os.stat_result]:
-    """(wire size, fstat) of the regular file *path* (OSError, MessageGone).
+def _read_file(name: str, dir_fd: int) -> tuple[bytes, os.stat_result]:
+    """The bytes and fstat of the regular file *name* in *dir_fd* (OSError, MessageGone)."""
+    fd, st = _open_fd(name, dir_fd)
+    try:
+        chunks = []
+        while chunk := os.read(fd, max(_CHUNK, st.st_size + 1)):
+            chunks.append(chunk)
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
+
+
+def _measure(name: str, dir_fd: int) -> tuple[int, os.stat_result]:
+    """(wire size, fstat) of the regular file *name* in *dir_fd* (OSError, MessageGone).
 
     ``WireSizer``'s rule, but a chunk with no CR (most Maildir files have
     bare LF line ends) is spared the CRLF count, which takes most of the time.
     """
-    fd, st = _open_fd(path)
+    fd, st = _open_fd(name, dir_fd)
     try:
         total = 0
         last = -1  # the last byte read
@@ -236,55 +278,165 @@ def _measure(path: str) -> tuple[int, os.stat_result]:
     return total, st
 
 
-def _file_id(path: str) -> _FileId:
+def _lexists(name: str, dir_fd: int) -> bool:
+    """Whether *name* exists in *dir_fd* (a symlink counts; it is not followed)."""
     try:
-        st = os.stat(path)
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
+
+
+def _file_id(name: str, dir_fd: int) -> _FileId:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except OSError:
         return _NO_FILE
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def _stat_stamp(path: str, fields: int) -> tuple[int, ...]:
-    st = os.stat(path)
-    if fields == 2:
-        return (st.st_mtime_ns, st.st_ino)
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_atomic(name: str, data: bytes, dir_fd: int, *, sync: bool = True) -> None:
+    """Write *data* to ``name.tmp`` in *dir_fd*, fsync unless not *sync*, rename it to *name*.
 
-
-def _write_atomic(
-    final: str, data: bytes, *, tmp: str = "", sync: bool = True, sync_dir: bool = False
-) -> None:
-    """Write *data* to *tmp* (default ``final.tmp``), fsync unless not *sync*, rename to *final*.
+    With *sync* the directory is fsynced too.
 
     Raises:
-        OSError: nothing is at *final* and *tmp* has been removed.
+        OSError: nothing is at *name* and the temporary file has been removed.
     """
-    tmp = tmp or final + ".tmp"
+    tmp = name + ".tmp"
     try:
-        fd = os.open(tmp, _WFLAGS, 0o600)
+        fd = os.open(tmp, _WFLAGS, 0o600, dir_fd=dir_fd)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, data)
             if sync:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, final)
-        if sync_dir:
-            _fsync_dir(os.path.dirname(final))
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        if sync:
+            os.fsync(dir_fd)
     except OSError:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
+
+
+def _describe(name: str, dir_fd: int) -> str:
+    """What stands at *name* instead of a directory, for the refusal's log line."""
+    try:
+        return f"a link to {os.readlink(name, dir_fd=dir_fd)!r}"
+    except OSError:
+        return "not a directory"
+
+
+def _open_dir(name: str, dir_fd: int, *, create: bool = False) -> int:
+    """Open the directory *name* in *dir_fd* without following a link; -1 if absent.
+
+    With *create*, a missing one is made (mode 0700).
+
+    Raises:
+        _NotADir: *name* is a symlink or not a directory.
+        OSError: any other failure.
+    """
+    for _ in range(3):
+        try:
+            return os.open(name, _DFLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            if not create:
+                return -1
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise _NotADir(name, _describe(name, dir_fd)) from e
+            raise
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+    raise OSError(errno.ENOENT, f"{name} keeps vanishing")
+
+
+class _NotADir(Exception):
+    """A maildrop directory is a symlink or not a directory: the maildrop is refused."""
+
+    def __init__(self, name: str, what: str) -> None:
+        super().__init__(f"{name} is {what}")
+        self.name = name
+        self.what = what
+
+
+def _lock_offset(mailbox: str) -> int:
+    """The byte of the shared lock file that stands for *mailbox*: a 62-bit hash."""
+    digest = hashlib.blake2b(
+        mailbox.encode("utf-8", "surrogateescape"), digest_size=8, person=b"pop3proto-lock"
+    ).digest()
+    return int.from_bytes(digest, "big") >> 2
+
+
+def _ofd_lock(fd: int, offset: int, kind: int) -> bool:
+    """Set (F_WRLCK) or clear (F_UNLCK) an OFD lock on one byte; False if another holds it."""
+    assert _OFD_SETLK is not None
+    arg = struct.pack(_FLOCK, kind, os.SEEK_SET, offset, 1, 0)
+    try:
+        fcntl.fcntl(fd, _OFD_SETLK, arg)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+class _Dirs:
+    """A maildrop opened for one operation: its directory fd, and cur/new/tmp on demand.
+
+    Each is opened with ``O_DIRECTORY|O_NOFOLLOW`` relative to the one above,
+    and every file is named relative to them, so no path is ever resolved
+    through a symlink.  Nothing is kept open between operations.
+    """
+
+    __slots__ = ("create", "fd", "mailbox", "storage", "subs")
+
+    def __init__(self, fd: int, mailbox: str, storage: MaildirStorage, create: bool) -> None:
+        self.fd = fd
+        self.mailbox = mailbox
+        self.storage = storage
+        self.create = create
+        self.subs: dict[str, int] = {}
+
+    def sub(self, name: str) -> int:
+        """The fd of ``cur``, ``new`` or ``tmp``; -1 if it does not exist.
+
+        Raises:
+            MailboxRefused: it is a symlink or not a directory (logged).
+            StorageError: it cannot be opened.
+        """
+        fd = self.subs.get(name)
+        if fd is None:
+            try:
+                fd = _open_dir(name, self.fd, create=self.create)
+            except _NotADir as e:
+                raise self.storage._refuse(self.mailbox, f"{name}/", e.what) from e
+            except OSError as e:
+                raise StorageError(f"cannot open {name}/: {e.strerror or e}") from e
+            self.subs[name] = fd
+        return fd
+
+    def close(self) -> None:
+        """Close every descriptor opened (idempotent)."""
+        fds, self.subs = [self.fd, *self.subs.values()], {}
+        self.fd = -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+    def __enter__(self) -> _Dirs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _encode_cache(listing: _Listing) -> bytes:
@@ -391,11 +543,17 @@ class MaildirStorage:
     ``nonblocking`` (an open of a file in the page cache): event-loop
     transports call it directly.
 
+    A locked, idle session holds no file descriptor (see the module
+    docstring): each operation opens the maildrop's directories and closes
+    them before it returns.  The instance keeps one descriptor on ROOT and,
+    per process, one on the shared lock file; ``close`` releases them.
+
     Args:
         root: directory holding one maildrop per user.
         create: make a missing ``cur``/``new``/``tmp`` at ``lock``; without
             it a missing maildrop is simply empty.
-        logger: where skipped files and cache problems are reported.
+        logger: where skipped files, refused maildrops and cache problems
+            are reported.
     """
 
     def __init__(
@@ -413,71 +571,92 @@ class MaildirStorage:
         # Stable listings with their cache file's identity, least recently used first.
         self._memo: OrderedDict[str, tuple[_Listing, _FileId]] = OrderedDict()
         self._memo_messages = 0
+        # [ROOT fd, shared lock file fd, the pid that opened the lock file]; -1: not open.
+        self._fds = [-1, -1, -1]
+        self._warned_locks = False
+        weakref.finalize(self, _close_fds, self._fds)
+        _instances.add(self)
+
+    def close(self) -> None:
+        """Release every lock this instance holds and close its descriptors."""
+        with self._mutex:
+            held, self._held = list(self._held.values()), {}
+        for h in held:
+            if h.fd >= 0:
+                os.close(h.fd)
+        _close_fds(self._fds)
 
     # -- the Storage protocol ------------------------------------------------
 
     def lock(self, mailbox: str) -> bool:
         """Take the exclusive lock on *mailbox*; False if another session holds it.
 
-        Also finishes a deletion journal left by a crash.
+        Also checks the maildrop's directories and finishes a deletion journal
+        left by a crash.
 
         Raises:
+            MailboxRefused: the maildrop, ``cur``, ``new`` or ``tmp`` is a
+                symlink or not a directory (logged; never followed).
             StorageError: a bad name, or the lock/journal cannot be handled
                 (the lock is then not held).
         """
-        d = self._dir(mailbox)
+        self._check(mailbox)
+        with self._mutex:
+            if mailbox in self._held:
+                return False
+            held = self._held[mailbox] = _Held()  # a reservation: other threads see it taken
+        ok = False
+        dirs: _Dirs | None = None
         try:
-            if self.create:
+            dirs = self._open(mailbox, create=self.create)
+            if dirs is not None:
+                st = os.fstat(dirs.fd)
+                held.ident = (st.st_dev, st.st_ino)
                 for sub in ("cur", "new", "tmp"):
-                    os.makedirs(os.path.join(d, sub), mode=0o700, exist_ok=True)
-            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-            fd: int | None = os.open(os.path.join(d, _LOCK), flags, 0o600)
-        except FileNotFoundError:
-            fd = None  # no maildrop directory: an empty maildrop
+                    dirs.sub(sub)  # a link is refused here, before anything is read
+            if not self._take(mailbox, held, dirs):
+                return False
+            if dirs is not None:
+                self._finish_journal(dirs)
+            held.ready = ok = True
+            return True
         except OSError as e:
             raise StorageError(f"cannot lock {mailbox!r}: {e.strerror or e}") from e
-        try:
-            if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._finish_journal(d)
-            with self._mutex:
-                if mailbox not in self._held:
-                    self._held[mailbox] = _Held(d, fd)
-                    return True
-        except BlockingIOError:
-            pass
-        except BaseException as e:
-            if fd is not None:
-                os.close(fd)
-            if isinstance(e, OSError):
-                raise StorageError(f"cannot lock {mailbox!r}: {e.strerror or e}") from e
-            raise
-        if fd is not None:
-            os.close(fd)
-        return False
+        finally:
+            if dirs is not None:
+                dirs.close()
+            if not ok:
+                self._release(held)
+                with self._mutex:
+                    if self._held.get(mailbox) is held:
+                        del self._held[mailbox]
 
     def unlock(self, mailbox: str) -> None:
         """Release the lock this instance holds on *mailbox*; a no-op if none."""
-        self._dir(mailbox)
+        self._check(mailbox)
         with self._mutex:
-            held = self._held.pop(mailbox, None)
-        if held is not None and held.fd is not None:
-            os.close(held.fd)
+            held = self._held.get(mailbox)
+            if held is None or not held.ready:
+                return
+            del self._held[mailbox]
+        self._release(held)
 
     def scan(self, mailbox: str) -> list[MessageInfo]:
         """Move ``new/`` into ``cur/`` and list the maildrop in delivery order.
 
         Raises:
+            MailboxRefused: a directory became a symlink (logged).
             StorageError: a bad name, the mailbox is not locked, or ``cur/``
                 cannot be listed.
         """
-        d, held = self._state(mailbox)
+        held = self._state(mailbox)
         held.paths = {}
         held.listing = None
-        if held.fd is None:
+        if held.ident is None:
             return []
-        self._finish_journal(d)
-        listing = self._listing(mailbox, d)
+        with self._dirs(mailbox, held) as dirs:
+            self._finish_journal(dirs)
+            listing = self._listing(mailbox, dirs)
         held.listing = listing
         held.paths = listing.paths.copy()
         return list(listing.infos)
@@ -487,41 +666,64 @@ class MaildirStorage:
         """Open message *key* read-only (unbuffered), following a rename by another MUA.
 
         Raises:
-            MessageGone: the message is missing, unreadable or not a regular file.
+            MessageGone: the message is missing, unreadable or not a regular
+                file, or its directory is no longer the one locked.
         """
-        d, held = self._state(mailbox)
+        held = self._state(mailbox)
         rel = held.paths.get(key)
         if rel is None:
             raise MessageGone(f"no message {key!r} in this session")
-        for _ in range(3):  # the listed path; a re-find if a flag rename races with the open
-            try:
-                fd = _open_fd(f"{d}/{rel}")[0]
-            except FileNotFoundError:
-                found = self._refind(d, key)
-                if found is None:
-                    break
-                rel = held.paths[key] = found
-                continue
-            except OSError as e:
-                raise MessageGone(f"message {key!r} is unreadable: {e.strerror or e}") from e
-            try:
-                return io.FileIO(fd, "r")
-            except BaseException:
-                os.close(fd)
-                raise
+        try:
+            with self._dirs(mailbox, held) as dirs:
+                for _ in range(3):  # the listed path; a re-find if a flag rename races the open
+                    sub, _, name = rel.partition("/")
+                    try:
+                        fd = _open_fd(name, dirs.sub(sub))[0]
+                    except FileNotFoundError:
+                        found = self._refind(dirs, key)
+                        if found is None:
+                            break
+                        rel = held.paths[key] = found
+                        continue
+                    except OSError as e:
+                        why = e.strerror or e
+                        raise MessageGone(f"message {key!r} is unreadable: {why}") from e
+                    try:
+                        return io.FileIO(fd, "r")
+                    except BaseException:
+                        os.close(fd)
+                        raise
+        except MessageGone:
+            raise
+        except StorageError as e:
+            raise MessageGone(f"message {key!r} is unreadable: {e}") from e
         raise MessageGone(f"message {key!r} is gone")
 
     def path(self, mailbox: str, key: str) -> str:
-        """The current file path of message *key* (for zero-copy sending).
+        """The current path of message *key*, for information (logs, tools).
+
+        The file was found through the maildrop's directory descriptors
+        without following a link, but the string returned is resolved anew by
+        whoever opens it: read messages with ``get``, which never follows one.
 
         Raises:
             MessageGone: no file with that unique name is left.
         """
-        d, held = self._state(mailbox)
-        rel = self._current(d, held, key)
+        held = self._state(mailbox)
+        rel = None
+        if held.ident is not None:
+            try:
+                with self._dirs(mailbox, held) as dirs:
+                    rel = self._current(dirs, held, key)
+            except MessageGone:
+                raise
+            except StorageError as e:
+                raise MessageGone(f"message {key!r} is unreadable: {e}") from e
+        elif key not in held.paths:
+            raise MessageGone(f"no message {key!r} in this session")
         if rel is None:
             raise MessageGone(f"message {key!r} is gone")
-        return os.path.join(d, rel)
+        return os.path.join(self.root, mailbox, rel)
 
     def dele(self, mailbox: str, keys: Sequence[str]) -> None:
         """Delete the listed messages, crash-safely (see the module docstring).
@@ -531,123 +733,284 @@ class MaildirStorage:
                 be written (nothing deleted), or some unlinks failed (the rest
                 are deleted).
         """
-        d, held = self._state(mailbox)
+        held = self._state(mailbox)
         unknown = [k for k in keys if k not in held.paths]
         if unknown:
             raise StorageError(f"keys not listed by scan: {unknown[:3]!r}")
-        rels = [rel for rel in (self._current(d, held, k) for k in keys) if rel is not None]
-        failed = 0
-        if rels:
-            journal = os.path.join(d, _JOURNAL)
-            try:
-                data = b"".join(os.fsencode(rel) + b"\0" for rel in rels)
-                _write_atomic(journal, data, sync_dir=True)
-            except OSError as e:
-                raise StorageError(f"cannot write the deletion journal: {e.strerror or e}") from e
-            failed = self._unlink_all(d, rels)
-            try:
-                os.unlink(journal)
-            except OSError as e:  # the next lock retries; replaying it is harmless
-                self._log.warning("cannot remove %r: %s", journal, e.strerror or e)
-        for key in keys:
-            held.paths.pop(key, None)
-        listing = held.listing
-        if listing is not None and any(k in listing.paths for k in keys):
-            gone = set(keys)
-            keep = [i for i, m in enumerate(listing.infos) if m.key not in gone]
-            held.listing = listing = _Listing(
-                listing.stamp,
-                False,  # cur/ has changed
-                [listing.infos[i] for i in keep],
-                [listing.rels[i] for i in keep],
-                {k: v for k, v in listing.sizes().items() if k not in gone},
-            )
-            self._remember(mailbox, listing)  # forgets the old one
-            self._save_cache(f"{d}/{_CACHE}", _encode_cache(listing))
+        if not keys:
+            return
+        with self._dirs(mailbox, held) as dirs:
+            rels = [r for r in (self._current(dirs, held, k) for k in keys) if r is not None]
+            failed = 0
+            if rels:
+                try:
+                    data = b"".join(os.fsencode(rel) + b"\0" for rel in rels)
+                    _write_atomic(_JOURNAL, data, dirs.fd)
+                except OSError as e:
+                    raise StorageError(
+                        f"cannot write the deletion journal: {e.strerror or e}"
+                    ) from e
+                failed = self._unlink_all(dirs, rels)
+                try:
+                    os.unlink(_JOURNAL, dir_fd=dirs.fd)
+                except OSError as e:  # the next lock retries; replaying it is harmless
+                    self._log.warning("cannot remove %r: %s", _JOURNAL, e.strerror or e)
+            for key in keys:
+                held.paths.pop(key, None)
+            listing = held.listing
+            if listing is not None and any(k in listing.paths for k in keys):
+                gone = set(keys)
+                keep = [i for i, m in enumerate(listing.infos) if m.key not in gone]
+                held.listing = listing = _Listing(
+                    listing.stamp,
+                    False,  # cur/ has changed
+                    [listing.infos[i] for i in keep],
+                    [listing.rels[i] for i in keep],
+                    {k: v for k, v in listing.sizes().items() if k not in gone},
+                )
+                self._remember(mailbox, listing)  # forgets the old one
+                self._save_cache(dirs, _encode_cache(listing))
         if failed:
             raise StorageError(f"{failed} of {len(rels)} messages could not be deleted")
 
     # -- delivery ------------------------------------------------------------
 
-    def deliver(self, mailbox: str, data: bytes) -> str:
-        """Deliver *data* the Maildir way (``tmp/`` then ``new/``); return its unique name.
+    def deliver(self, mailbox: str, data: bytes | BinaryIO, *, max_size: int | None = None) -> str:
+        """Deliver a message the Maildir way (``tmp/`` then ``new/``); return its unique name.
 
-        Creates the maildrop directories if missing.  The name carries Dovecot's
-        ``,S=`` (file size) and ``,W=`` (``wire_size``) fields.
+        *data* is the message's bytes or a binary stream, copied in chunks (memory
+        stays flat whatever its size).  Creates the maildrop directories if
+        missing.  The name carries Dovecot's ``,S=`` (file size) and ``,W=``
+        (``wire_size``) fields.
 
         Raises:
+            MessageTooBig: more than *max_size* bytes (nothing is delivered).
+            MailboxRefused: a maildrop directory is a symlink (logged).
             StorageError: a bad name or a write failure (nothing is delivered).
         """
-        d = self._dir(mailbox)
+        self._check(mailbox)
         with _counter_lock:
             q = next(_counter)
         sec, usec = divmod(time.time_ns() // 1000, 1_000_000)
         host = socket.gethostname()
         for c, esc in (("/", r"\057"), (":", r"\072"), (",", r"\054")):
             host = host.replace(c, esc)
-        name = f"{sec}.M{usec}P{os.getpid()}Q{q}.{host},S={len(data)},W={wire_size(data)}"
+        base = f"{sec}.M{usec}P{os.getpid()}Q{q}.{host}"
         try:
-            for sub in ("cur", "new", "tmp"):
-                os.makedirs(os.path.join(d, sub), mode=0o700, exist_ok=True)
-            tmp = os.path.join(d, "tmp", name)
-            _write_atomic(os.path.join(d, "new", name), data, tmp=tmp, sync_dir=True)
+            dirs = self._open(mailbox, create=True)
+            assert dirs is not None
+            with dirs:
+                tmp, new = dirs.sub("tmp"), dirs.sub("new")
+                dirs.sub("cur")
+                fd = os.open(base, _WFLAGS | os.O_EXCL, 0o600, dir_fd=tmp)
+                try:
+                    try:
+                        size, wire = _copy_in(fd, data, max_size)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    name = f"{base},S={size},W={wire}"
+                    os.rename(base, name, src_dir_fd=tmp, dst_dir_fd=new)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(base, dir_fd=tmp)
+                    raise
+                os.fsync(new)
         except OSError as e:
             raise StorageError(f"cannot deliver to {mailbox!r}: {e.strerror or e}") from e
         return name
 
     # -- internals -------------------------------------------------------------
 
-    def _dir(self, mailbox: str) -> str:
+    def _check(self, mailbox: str) -> None:
         if not valid_mailbox_name(mailbox):
             raise StorageError(f"invalid mailbox name {mailbox!r}")
-        return os.path.join(self.root, mailbox)
 
-    def _state(self, mailbox: str) -> tuple[str, _Held]:
+    def _state(self, mailbox: str) -> _Held:
         with self._mutex:
             held = self._held.get(mailbox)
-        if held is None:
-            self._dir(mailbox)  # a bad name says so; a held one was checked by lock
+        if held is None or not held.ready:
+            self._check(mailbox)  # a bad name says so; a held one was checked by lock
             raise StorageError(f"maildrop {mailbox!r} is not locked")
-        return held.d, held
+        return held
 
-    def _stamp(self, d: str) -> _Stamp:
+    def _refuse(self, mailbox: str, what: str, why: str) -> MailboxRefused:
+        """Log a refused maildrop and return the exception to raise."""
+        self._log.warning("refusing maildrop %r: %s is %s", mailbox, what, why)
+        return MailboxRefused(f"maildrop {mailbox!r}: {what} is {why}")
+
+    def _root_fd(self, create: bool) -> int:
+        """The descriptor on ROOT (opened once, following a link: ROOT is configuration).
+
+        -1 if ROOT does not exist and not *create*.
+        """
+        fds = self._fds
+        if fds[0] >= 0:
+            return fds[0]
+        if create:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if create:
+                raise
+            return -1
+        with self._mutex:
+            if fds[0] < 0:
+                fds[0], fd = fd, -1
+        if fd >= 0:
+            os.close(fd)  # another thread was first
+        return fds[0]
+
+    def _open(self, mailbox: str, *, create: bool) -> _Dirs | None:
+        """Open the maildrop's directory under ROOT without following a link; None if absent.
+
+        Raises:
+            MailboxRefused: it is a symlink or not a directory (logged).
+            OSError: it cannot be opened.
+        """
+        root = self._root_fd(create)
+        if root < 0:
+            return None
+        try:
+            fd = _open_dir(mailbox, root, create=create)
+        except _NotADir as e:
+            raise self._refuse(mailbox, "the maildrop", e.what) from e
+        return None if fd < 0 else _Dirs(fd, mailbox, self, create)
+
+    def _dirs(self, mailbox: str, held: _Held) -> _Dirs:
+        """The locked maildrop's directories for one operation (close them after).
+
+        Raises:
+            MailboxRefused: the maildrop became a symlink (logged).
+            StorageError: it is gone or was replaced by another directory.
+        """
+        try:
+            dirs = self._open(mailbox, create=False)
+            if dirs is not None:
+                st = os.fstat(dirs.fd)
+                if (st.st_dev, st.st_ino) == held.ident:
+                    return dirs
+                dirs.close()
+        except OSError as e:
+            raise StorageError(f"cannot open maildrop {mailbox!r}: {e.strerror or e}") from e
+        raise StorageError(f"maildrop {mailbox!r} was removed or replaced")
+
+    def _lock_file(self) -> int:
+        """This process's descriptor on ROOT's shared lock file; -1 if it cannot be had."""
+        fds = self._fds
+        if fds[1] >= 0 and fds[2] == os.getpid():
+            return fds[1]
+        if fds[1] >= 0:  # inherited over fork: its locks are the parent's
+            _close_fds(fds, root=False)
+        root = self._root_fd(False)
+        if root < 0:
+            return -1
+        try:
+            fd = os.open(_LOCKS, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         0o600, dir_fd=root)  # fmt: skip
+        except OSError as e:
+            if not self._warned_locks:
+                self._warned_locks = True
+                self._log.warning("cannot open %r (%s): one lock file per maildrop instead",
+                                  os.path.join(self.root, _LOCKS), e.strerror or e)  # fmt: skip
+            return -1
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return -1
+        with self._mutex:
+            if fds[1] < 0:
+                fds[1], fds[2], fd = fd, os.getpid(), -1
+        if fd >= 0:
+            os.close(fd)
+        return fds[1]
+
+    def _take(self, mailbox: str, held: _Held, dirs: _Dirs | None) -> bool:
+        """Take the cross-process lock for *held*; False if another session has it.
+
+        A byte of ROOT's shared lock file (an OFD lock: no descriptor per
+        maildrop); else, or without OFD locks, ``flock`` on the maildrop's own
+        lock file, held open for the session.  With neither ROOT nor a
+        maildrop there is nothing to lock.
+        """
+        lock_fd = self._lock_file() if _OFD_SETLK is not None else -1
+        if lock_fd >= 0:
+            offset = _lock_offset(mailbox)
+            if not _ofd_lock(lock_fd, offset, fcntl.F_WRLCK):
+                return False
+            held.offset = offset
+            return True
+        if dirs is None:
+            return True
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        held.fd = os.open(_LOCK, flags, 0o600, dir_fd=dirs.fd)
+        try:
+            fcntl.flock(held.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _release(self, held: _Held) -> None:
+        """Drop the cross-process lock of *held* (idempotent)."""
+        if held.offset >= 0:
+            offset, held.offset = held.offset, -1
+            fds = self._fds
+            if fds[1] >= 0 and fds[2] == os.getpid():
+                try:
+                    _ofd_lock(fds[1], offset, fcntl.F_UNLCK)
+                except OSError as e:  # cannot happen; closing the file frees all
+                    self._log.warning("cannot unlock: %s", e.strerror or e)
+        if held.fd >= 0:
+            fd, held.fd = held.fd, -1
+            os.close(fd)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's sessions and lock file are not ours."""
+        self._mutex = threading.Lock()
+        self._held = {}
+        _close_fds(self._fds, root=False)
+
+    def _stamp(self, dirs: _Dirs) -> _Stamp:
         """What a listing is valid for: new/ and cur/ (mtime, inode), dovecot-uidlist's identity."""
         out: list[int] = []
         for sub in ("new", "cur"):
-            try:
-                out += _stat_stamp(f"{d}/{sub}", 2)
-            except FileNotFoundError:
+            fd = dirs.sub(sub)
+            if fd < 0:
                 out += (-1, -1)
+                continue
+            try:
+                st = os.fstat(fd)
             except OSError as e:
                 raise StorageError(f"cannot stat {sub}/: {e.strerror or e}") from e
+            out += (st.st_mtime_ns, st.st_ino)
         try:
-            out += _stat_stamp(f"{d}/{_UIDLIST}", 3)
+            st = os.stat(_UIDLIST, dir_fd=dirs.fd, follow_symlinks=False)
+            out += (st.st_mtime_ns, st.st_size, st.st_ino)
         except OSError:
             out += (-1, -1, -1)
         return tuple(out)
 
-    def _listing(self, mailbox: str, d: str) -> _Listing:
+    def _listing(self, mailbox: str, dirs: _Dirs) -> _Listing:
         """The maildrop's listing: remembered, from the cache file, or made anew.
 
         The memory copy is used only while the cache file is unchanged too:
         removing the file forces a rescan, as it always did.
         """
         now = time.time_ns()  # before the stats: see _Listing.stable
-        stamp = self._stamp(d)
-        cache = f"{d}/{_CACHE}"
+        stamp = self._stamp(dirs)
         with self._mutex:
             memo = self._memo.get(mailbox)
-        if memo is not None and memo[0].stamp == stamp and memo[1] == _file_id(cache):
+        if memo is not None and memo[0].stamp == stamp and memo[1] == _file_id(_CACHE, dirs.fd):
             with self._mutex:
                 if mailbox in self._memo:
                     self._memo.move_to_end(mailbox)
             return memo[0]
-        raw, cached, file_id = self._read_cache(cache)
+        raw, cached, file_id = self._read_cache(dirs)
         if cached is not None and cached.stable and cached.stamp == stamp:
             try:
                 listing = cached.listing()
             except ValueError as e:
-                self._log.warning("ignoring unreadable %r: %s", cache, e)
+                self._log.warning("%s: ignoring unreadable %r: %s", mailbox, _CACHE, e)
             else:
                 self._remember(mailbox, listing, file_id)
                 return listing
@@ -656,12 +1019,12 @@ class MaildirStorage:
             with contextlib.suppress(ValueError):
                 sizes = cached.sizes()
         stable = now - max(stamp[0], stamp[2]) >= _STABLE_NS
-        listing = self._rescan(d, stamp, stable, sizes)
+        listing = self._rescan(dirs, stamp, stable, sizes)
         # A small maildrop whose sizes are all in the names lists about as fast as it loads.
         if raw or listing.measured or len(listing.infos) >= _CACHE_MIN:
             data = _encode_cache(listing)
             if data != raw:
-                file_id = self._save_cache(cache, data)
+                file_id = self._save_cache(dirs, data)
         self._remember(mailbox, listing, file_id)
         return listing
 
@@ -681,33 +1044,36 @@ class MaildirStorage:
             while self._memo_messages > _MEMO_MESSAGES or len(self._memo) > _MEMO_MAILBOXES:
                 self._memo_messages -= len(self._memo.popitem(last=False)[1][0].infos)
 
-    def _rescan(self, d: str, stamp: _Stamp, stable: bool, old: _Sizes) -> _Listing:
+    def _rescan(self, dirs: _Dirs, stamp: _Stamp, stable: bool, old: _Sizes) -> _Listing:
         """List ``new/`` (moving its files to ``cur/``) and ``cur/``: sizes, UIDLs, order."""
-        left, moved = self._move_new(d)
+        left, moved = self._move_new(dirs)
         if moved:  # our own renames changed both directories
-            stamp = self._stamp(d)
+            stamp = self._stamp(dirs)
             stable = False
         sizes: _Sizes = {}
         keys: list[str] = []
         rels: list[str] = []
         wire: list[int] = []
         seen: set[str] = set()
-        cut = len(d) + 1
+        cur = dirs.sub("cur")
         try:
-            it = os.scandir(f"{d}/cur")
-        except FileNotFoundError:
-            it = None
+            it = os.scandir(cur) if cur >= 0 else None
         except OSError as e:
             raise StorageError(f"cannot list cur/: {e.strerror or e}") from e
+        listed = itertools.chain(
+            (("new", dirs.sub("new"), e) for e in left),
+            (("cur", cur, e) for e in it or ()),
+        )
         try:
             # new/ files left there first: a duplicate of one in cur/ is skipped.
-            for entry in itertools.chain(left, it or ()):
+            for sub, fd, entry in listed:
                 name = entry.name
                 key = name.partition(":")[0]
                 if not key or name[0] == ".":
                     continue
+                rel = f"{sub}/{name}"
                 if key in seen:
-                    self._log.warning("skipping %r: duplicate unique name", entry.path[cut:])
+                    self._log.warning("%s: skipping %r: duplicate unique name", dirs.mailbox, rel)
                     continue
                 # Inline, the commonest case: Dovecot's ",S=<size>,W=<wire size>" to check.
                 fields = key.partition(",")[2]
@@ -720,13 +1086,13 @@ class MaildirStorage:
                     if st is not None and st.st_size == int(s) and stat.S_ISREG(st.st_mode):
                         size: int | None = int(w)
                     else:
-                        size = self._size(entry, key, old, sizes)
+                        size = self._size(dirs, entry, rel, fd, key, old, sizes)
                 else:
-                    size = self._size(entry, key, old, sizes)
+                    size = self._size(dirs, entry, rel, fd, key, old, sizes)
                 if size is not None:
                     seen.add(key)
                     keys.append(key)
-                    rels.append(entry.path[cut:])
+                    rels.append(rel)
                     wire.append(size)
         except OSError as e:
             raise StorageError(f"cannot list cur/: {e.strerror or e}") from e
@@ -734,7 +1100,7 @@ class MaildirStorage:
             if it is not None:
                 it.close()
         order = _sort_keys(keys)
-        dovecot = self._load_uidlist(d)
+        dovecot = self._load_uidlist(dirs)
         ranks = sorted(range(len(keys)), key=order.__getitem__)
         infos = []
         for i in ranks:
@@ -746,7 +1112,7 @@ class MaildirStorage:
             infos.append(info)
         return _Listing(stamp, stable, infos, [rels[i] for i in ranks], sizes)
 
-    def _move_new(self, d: str) -> tuple[list[os.DirEntry[str]], bool]:
+    def _move_new(self, dirs: _Dirs) -> tuple[list[os.DirEntry[str]], bool]:
         """Move ``new/`` files to ``cur/`` (adding ``:2,``).
 
         Returns:
@@ -755,17 +1121,15 @@ class MaildirStorage:
         """
         left: list[os.DirEntry[str]] = []
         moved = False
-        try:
-            it = os.scandir(f"{d}/new")
-        except FileNotFoundError:
+        new = dirs.sub("new")
+        if new < 0:
             return left, moved
+        try:
+            with os.scandir(new) as it:
+                entries = list(it)
         except OSError as e:
             raise StorageError(f"cannot list new/: {e.strerror or e}") from e
-        with it:
-            try:
-                entries = list(it)
-            except OSError as e:
-                raise StorageError(f"cannot list new/: {e.strerror or e}") from e
+        cur = dirs.sub("cur") if entries else -1
         for entry in entries:
             name = entry.name
             if name[0] == "." or not name.partition(":")[0]:
@@ -773,37 +1137,52 @@ class MaildirStorage:
             try:
                 regular = entry.is_file(follow_symlinks=False)
             except OSError as e:
-                self._log.warning("skipping %r: %s", f"new/{name}", e.strerror or e)
+                self._log.warning("%s: skipping %r: %s", dirs.mailbox, f"new/{name}",
+                                  e.strerror or e)  # fmt: skip
                 continue
             if not regular:
-                if os.path.lexists(entry.path):  # else it vanished meanwhile
-                    self._log.warning("skipping %r: not a regular file", f"new/{name}")
+                if _lexists(name, new):  # else it vanished meanwhile
+                    self._log.warning("%s: skipping %r: not a regular file", dirs.mailbox,
+                                      f"new/{name}")  # fmt: skip
                 continue
             target = name if ":" in name else name + ":2,"
             try:
-                os.rename(entry.path, f"{d}/cur/{target}")
+                if cur < 0:
+                    raise FileNotFoundError(errno.ENOENT, "no cur/ directory")
+                os.rename(name, target, src_dir_fd=new, dst_dir_fd=cur)
                 moved = True  # listed from cur/
-            except FileNotFoundError:
-                moved = True  # taken by another MUA; cur/ will show it
             except OSError as e:
-                self._log.warning("cannot move %r to cur/: %s", f"new/{name}", e.strerror or e)
+                if not _lexists(name, new):
+                    moved = True  # taken by another MUA; cur/ will show it
+                    continue
+                self._log.warning("%s: cannot move %r to cur/: %s", dirs.mailbox, f"new/{name}",
+                                  e.strerror or e)  # fmt: skip
                 left.append(entry)
         return left, moved
 
-    def _size(self, entry: os.DirEntry[str], key: str, old: _Sizes, new: _Sizes) -> int | None:
+    def _size(
+        self,
+        dirs: _Dirs,
+        entry: os.DirEntry[str],
+        rel: str,
+        fd: int,
+        key: str,
+        old: _Sizes,
+        new: _Sizes,
+    ) -> int | None:
         """The message's CRLF size: from ``,W=``, the cache, or by reading it.
 
-        None (with a warning) for what is not a regular file (symlinks followed).
-        Only regular files are opened: a symlink is stat'ed first.
+        None (with a warning) for what is not a regular file; a symlink is
+        never followed (it is stat'ed, not opened).
         """
         s, w = _name_sizes(key) if "," in key else (-1, -1)
-        path = entry.path
+        name = entry.name
         hit = None
         try:
             if w >= 0 and s < 0:  # nothing to check the trusted ,W= against
                 if entry.is_file(follow_symlinks=False):  # no system call for a plain file
                     return w
-                self._skip(path, "not a regular file")
+                self._skip(dirs, rel, fd, "not a regular file")
                 return None
             hit = old.get(key)
             if w < 0 and hit is None and entry.is_file(follow_symlinks=False):
@@ -811,11 +1190,11 @@ class MaildirStorage:
             else:
                 st = entry.stat(follow_symlinks=False)  # a symlink is skipped below
         except OSError as e:  # no permission, vanished
-            self._skip(path, e.strerror or str(e))
+            self._skip(dirs, rel, fd, e.strerror or str(e))
             return None
         if st is not None:
             if not stat.S_ISREG(st.st_mode):
-                self._skip(path, "not a regular file", check=False)
+                self._skip(dirs, rel, -1, "not a regular file")
                 return None
             if w >= 0 and st.st_size == s:
                 return w
@@ -823,61 +1202,58 @@ class MaildirStorage:
                 new[key] = hit
                 return hit[0]
         try:
-            size, st = _measure(path)
+            size, st = _measure(name, fd)
         except FileNotFoundError:
-            self._skip(path, "vanished")  # a dangling symlink says so; else nothing to say
+            self._skip(dirs, rel, fd, "vanished")  # a dangling symlink says so; else nothing
             return None
         except (OSError, StorageError) as e:
-            self._skip(path, str(e), check=False)
+            self._skip(dirs, rel, -1, str(e))
             return None
         new[key] = (size, st.st_size, st.st_mtime_ns, st.st_ino)
         return size
 
-    def _skip(self, path: str, why: str, *, check: bool = True) -> None:
-        """Warn that *path* is skipped; with *check*, only if it was not removed meanwhile."""
-        if not check or os.path.lexists(path):
-            self._log.warning("skipping %r: %s", path, why)
+    def _skip(self, dirs: _Dirs, rel: str, fd: int, why: str) -> None:
+        """Warn that *rel* is skipped; if *fd* >= 0, only if it is still there."""
+        if fd < 0 or _lexists(rel.partition("/")[2], fd):
+            self._log.warning("%s: skipping %r: %s", dirs.mailbox, rel, why)
 
-    def _read_cache(self, path: str) -> tuple[bytes, _Cached | None, _FileId]:
+    def _read_cache(self, dirs: _Dirs) -> tuple[bytes, _Cached | None, _FileId]:
         """The cache file's bytes (b"" if none), content (None if unusable) and identity."""
         try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                raw = f.read()
+            raw, st = _read_file(_CACHE, dirs.fd)
         except FileNotFoundError:
             return b"", None, _NO_FILE
-        except OSError as e:
-            self._log.warning("ignoring unreadable %r: %s", path, e.strerror or e)
+        except (OSError, StorageError) as e:
+            self._log.warning("%s: ignoring unreadable %r: %s", dirs.mailbox, _CACHE, e)
             return b"", None, _NO_FILE
         file_id = (st.st_mtime_ns, st.st_size, st.st_ino)
         try:
             return raw, _decode_cache(raw), file_id
         except ValueError as e:
-            self._log.warning("ignoring unreadable %r: %s", path, e)
+            self._log.warning("%s: ignoring unreadable %r: %s", dirs.mailbox, _CACHE, e)
             return raw, None, file_id
 
-    def _save_cache(self, path: str, data: bytes) -> _FileId:
+    def _save_cache(self, dirs: _Dirs, data: bytes) -> _FileId:
         """Replace the cache file; its new identity."""
         # No fsync: a cache lost or cut short by a crash is detected and rebuilt.
         try:
-            _write_atomic(path, data, sync=False)
+            _write_atomic(_CACHE, data, dirs.fd, sync=False)
         except OSError as e:
-            self._log.warning("cache not saved: %s", e)
-        return _file_id(path)
+            self._log.warning("%s: cache not saved: %s", dirs.mailbox, e)
+        return _file_id(_CACHE, dirs.fd)
 
-    def _load_uidlist(self, d: str) -> dict[str, str]:
+    def _load_uidlist(self, dirs: _Dirs) -> dict[str, str]:
         """Dovecot's ``dovecot-uidlist`` as unique name -> the UIDL Dovecot's POP3 sends."""
         try:
-            with open(os.path.join(d, _UIDLIST), "rb") as f:
-                lines = f.read().split(b"\n")
+            lines = _read_file(_UIDLIST, dirs.fd)[0].split(b"\n")
             head = lines[0].split()
             # "3 V<uidvalidity> N<nextuid> G<guid> ..."; versions 1 and 2: "1 <uidv> <next>"
             v3 = head[0] == b"3"
             validity = next(int(t[1:]) for t in head if t[:1] == b"V") if v3 else int(head[1])
         except FileNotFoundError:
             return {}
-        except (OSError, IndexError, ValueError, StopIteration) as e:
-            self._log.warning("ignoring unreadable %r: %r", os.path.join(d, _UIDLIST), e)
+        except (OSError, StorageError, IndexError, ValueError, StopIteration) as e:
+            self._log.warning("%s: ignoring unreadable %r: %r", dirs.mailbox, _UIDLIST, e)
             return {}
         out: dict[str, str] = {}
         for line in lines[1:]:
@@ -897,11 +1273,14 @@ class MaildirStorage:
             out[os.fsdecode(fname.split(b":", 1)[0])] = uidl
         return out
 
-    def _refind(self, d: str, key: str) -> str | None:
+    def _refind(self, dirs: _Dirs, key: str) -> str | None:
         """Where message *key* is now (another MUA may have renamed it)."""
         for sub in ("cur", "new"):
+            fd = dirs.sub(sub)
+            if fd < 0:
+                continue
             try:
-                names = os.listdir(os.path.join(d, sub))
+                names = os.listdir(fd)
             except OSError:
                 continue
             for name in names:
@@ -909,7 +1288,7 @@ class MaildirStorage:
                     return f"{sub}/{name}"
         return None
 
-    def _current(self, d: str, held: _Held, key: str) -> str | None:
+    def _current(self, dirs: _Dirs, held: _Held, key: str) -> str | None:
         """The listed message's present rel path, or None if no such file is left.
 
         Raises:
@@ -918,52 +1297,101 @@ class MaildirStorage:
         rel = held.paths.get(key)
         if rel is None:
             raise MessageGone(f"no message {key!r} in this session")
-        if os.path.lexists(os.path.join(d, rel)):
+        sub, _, name = rel.partition("/")
+        fd = dirs.sub(sub)
+        if fd >= 0 and _lexists(name, fd):
             return rel
-        found = self._refind(d, key)
+        found = self._refind(dirs, key)
         if found is not None:
             held.paths[key] = found
         return found
 
-    def _unlink_all(self, d: str, rels: Sequence[str]) -> int:
+    def _unlink_all(self, dirs: _Dirs, rels: Sequence[str]) -> int:
         """Unlink ``cur/``/``new/`` entries (absent ones are fine); the number that failed."""
         failed = 0
         touched = set()
         for rel in rels:
             sub, _, name = rel.partition("/")
             if sub not in ("cur", "new") or name in ("", ".", "..") or "/" in name:
-                self._log.warning("ignoring journal entry %r", rel)
+                self._log.warning("%s: ignoring journal entry %r", dirs.mailbox, rel)
+                continue
+            fd = dirs.sub(sub)
+            if fd < 0:
                 continue
             try:
-                os.unlink(os.path.join(d, rel))
+                os.unlink(name, dir_fd=fd)
                 touched.add(sub)
             except FileNotFoundError:
                 pass
             except OSError as e:
                 if e.errno != errno.EISDIR:  # a directory is no message of ours
                     failed += 1
-                self._log.warning("cannot delete %r: %s", rel, e.strerror or e)
+                self._log.warning("%s: cannot delete %r: %s", dirs.mailbox, rel, e.strerror or e)
         for sub in touched:
             try:
-                _fsync_dir(os.path.join(d, sub))
+                os.fsync(dirs.sub(sub))
             except OSError as e:
                 self._log.warning("cannot fsync %s/: %s", sub, e.strerror or e)
         return failed
 
-    def _finish_journal(self, d: str) -> None:
+    def _finish_journal(self, dirs: _Dirs) -> None:
         """Complete a deletion interrupted by a crash; drop an uncommitted one."""
-        journal = os.path.join(d, _JOURNAL)
         with contextlib.suppress(OSError):
-            os.unlink(journal + ".tmp")  # never renamed: its deletion never began
+            os.unlink(_JOURNAL + ".tmp", dir_fd=dirs.fd)  # never renamed: never began
         try:
-            with open(journal, "rb") as f:
-                raw = f.read()
+            raw = _read_file(_JOURNAL, dirs.fd)[0]
         except FileNotFoundError:
             return
-        except OSError as e:
-            raise StorageError(f"cannot read {_JOURNAL}: {e.strerror or e}") from e
-        self._unlink_all(d, [os.fsdecode(p) for p in raw.split(b"\0") if p])
+        except (OSError, MessageGone) as e:
+            raise StorageError(f"cannot read {_JOURNAL}: {e}") from e
+        self._unlink_all(dirs, [os.fsdecode(p) for p in raw.split(b"\0") if p])
         try:
-            os.unlink(journal)
+            os.unlink(_JOURNAL, dir_fd=dirs.fd)
         except OSError as e:
             raise StorageError(f"cannot remove {_JOURNAL}: {e.strerror or e}") from e
+
+
+class MessageTooBig(StorageError):
+    """A message to deliver is over the size cap: nothing was delivered."""
+
+
+def _copy_in(fd: int, data: bytes | BinaryIO, max_size: int | None) -> tuple[int, int]:
+    """Write *data* (bytes or a stream, in chunks) to *fd*; (size, wire size).
+
+    Raises:
+        MessageTooBig: over *max_size* bytes (part may have been written).
+    """
+    sizer = WireSizer()
+    size = 0
+    if isinstance(data, bytes | bytearray | memoryview):
+        chunks: Iterator[bytes] = iter([bytes(data)])
+    else:
+        chunks = iter(functools.partial(data.read, _COPY_CHUNK), b"")
+    for chunk in chunks:
+        size += len(chunk)
+        if max_size is not None and size > max_size:
+            raise MessageTooBig(f"message over {max_size} bytes: not delivered")
+        sizer.feed(chunk)
+        _write_all(fd, chunk)
+    return size, sizer.total()
+
+
+def _close_fds(fds: list[int], *, root: bool = True) -> None:
+    """Close a storage's lock file descriptor (and its ROOT one with *root*)."""
+    for i in (0, 1) if root else (1,):
+        fd, fds[i] = fds[i], -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    fds[2] = -1
+
+
+_instances: weakref.WeakSet[MaildirStorage] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for storage in list(_instances):
+        storage._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

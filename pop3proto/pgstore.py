@@ -56,6 +56,7 @@ import io
 import logging
 import os
 import secrets
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -68,14 +69,14 @@ from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ._maildrop import MessageInfo
-from ._writers import wire_size
+from ._writers import WireSizer, wire_size
 from .auth import Verifier
-from .maildir import MaildirStorage, valid_mailbox_name
+from .maildir import MaildirStorage, MessageTooBig, valid_mailbox_name
 
 # Private, but the one parser of "{SCHEME}..." fields: the users table holds
 # exactly what a passwd-file does, so it must accept exactly the same.
 from .passwd import dummy_for, hash_cost, parse_secret, user_name_problem
-from .storage import MessageGone, StorageError
+from .storage import MailboxRefused, MessageGone, StorageError
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -140,6 +141,7 @@ _OPEN = (
 )
 _DELETE = "DELETE FROM messages WHERE mailbox = %s AND id = ANY(%s::bigint[])"
 _INSERT = "INSERT INTO messages (mailbox, uid, size, data) VALUES (%s, %s, %s, %s)"
+_COPY_CHUNK = 256 * 1024  # what deliver copies at once
 _CLEAR_RE = r"^\{(PLAIN|CLEAR|CLEARTEXT)\}."
 _SCRAM_RE = r"^\{(SCRAM-SHA-256)\}[0-9]+,"
 
@@ -717,17 +719,43 @@ class PgAuthenticator:
 # -- delivery and administration ------------------------------------------------------
 
 
-def deliver(target: str | Conn, mailbox: str, data: bytes) -> str:
-    """Store *data* as a new message of *mailbox* over a conninfo or a connection.
+def deliver(
+    target: str | Conn, mailbox: str, data: bytes | BinaryIO, *, max_size: int | None = None
+) -> str:
+    """Store a message of *mailbox* over a conninfo or a connection; return its UIDL.
 
-    ``PgStore.deliver`` without a pool.  Returns the new message's UIDL.
+    ``PgStore.deliver`` without a pool.  *data* is the message's bytes or a
+    binary stream.  A stream is copied in chunks to an anonymous temporary file
+    (its size capped by *max_size*), then sent with ``COPY`` in chunks: the
+    client's memory stays flat whatever the size.  (The row holds the message
+    as one ``bytea`` value, so the server assembles it whole, up to its 1 GB
+    field limit.)
 
     Raises:
+        MessageTooBig: more than *max_size* bytes (nothing stored).
         StorageError: a bad mailbox name or a database failure (nothing stored).
     """
     problem = _mailbox_problem(mailbox)
     if problem is not None:
         raise StorageError(problem)
+    if isinstance(data, bytes | bytearray | memoryview):
+        whole = bytes(data)
+        if max_size is not None and len(whole) > max_size:
+            raise MessageTooBig(f"message over {max_size} bytes: not delivered")
+        return _deliver_value(target, mailbox, whole)
+    with tempfile.TemporaryFile() as spool:
+        sizer = WireSizer()
+        total = 0
+        while chunk := data.read(_COPY_CHUNK):
+            total += len(chunk)
+            if max_size is not None and total > max_size:
+                raise MessageTooBig(f"message over {max_size} bytes: not delivered")
+            sizer.feed(chunk)
+            spool.write(chunk)
+        return _deliver_copy(target, mailbox, spool, sizer.total())
+
+
+def _deliver_value(target: str | Conn, mailbox: str, data: bytes) -> str:
     size = wire_size(data)
     try:
         with _connect(target) as conn:
@@ -736,6 +764,37 @@ def deliver(target: str | Conn, mailbox: str, data: bytes) -> str:
                 try:
                     with conn.transaction():
                         conn.execute(_INSERT, (mailbox, uid, size, data))
+                    return uid
+                except pg_errors.UniqueViolation:  # 144 random bits: never, but cheap
+                    continue
+    except psycopg.Error as e:
+        raise StorageError(f"cannot deliver to {mailbox!r}: {_one_line(e)}") from e
+    raise StorageError(f"cannot deliver to {mailbox!r}: no unused UIDL found")
+
+
+def _copy_text(value: str) -> bytes:
+    """*value* as a field of COPY's text format."""
+    for c, esc in (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r")):
+        value = value.replace(c, esc)
+    return value.encode("utf-8")
+
+
+def _deliver_copy(target: str | Conn, mailbox: str, spool: BinaryIO, size: int) -> str:
+    """Store the spooled message with ``COPY ... FROM STDIN``, its bytea in hex chunks."""
+    try:
+        with _connect(target) as conn:
+            for _ in range(3):
+                uid = _new_uid()
+                spool.seek(0)
+                try:
+                    with conn.transaction(), conn.cursor() as cur:
+                        sql = "COPY messages (mailbox, uid, size, data) FROM STDIN"
+                        with cur.copy(sql) as copy:
+                            copy.write(b"\t".join([_copy_text(mailbox), _copy_text(uid),
+                                                    str(size).encode(), b"\\\\x"]))  # fmt: skip
+                            while chunk := spool.read(_COPY_CHUNK):
+                                copy.write(chunk.hex().encode("ascii"))
+                            copy.write(b"\n")
                     return uid
                 except pg_errors.UniqueViolation:  # 144 random bits: never, but cheap
                     continue
@@ -842,7 +901,9 @@ def import_maildir(
     not download them again, and keep their order.  Each user is one
     transaction; running the import again adds only what is new (a message is
     "present" when a row with its UIDL has the same bytes).  Like a POP3
-    login, the scan moves ``new/`` into ``cur/``; nothing is deleted.
+    login, the scan moves ``new/`` into ``cur/``; nothing is deleted.  No
+    symlink is followed: a maildrop that is one, or whose ``cur``, ``new`` or
+    ``tmp`` is one, is skipped with a warning (the POP3 server refuses it too).
 
     Args:
         users: the maildrops to import; default every directory under *root*
@@ -856,26 +917,55 @@ def import_maildir(
     log = logger if logger is not None else _log
     base = os.fspath(root)
     if users is None:
-        try:
-            entries = sorted(os.listdir(base))
-        except OSError as e:
-            raise StorageError(f"cannot list {base!r}: {e.strerror or e}") from e
-        users = [
-            u for u in entries
-            if valid_mailbox_name(u) and any(os.path.isdir(os.path.join(base, u, s))
-                                             for s in ("cur", "new"))
-        ]  # fmt: skip
+        users = _maildir_users(base, log)
     maildir = MaildirStorage(base, logger=log)
     results: list[ImportResult] = []
-    with _connect(target) as conn:
-        for user in users:
-            if not maildir.lock(user):
-                raise StorageError(f"maildrop {user!r} is locked by a POP3 session")
-            try:
-                results.append(_import_one(conn, maildir, user, log))
-            finally:
-                maildir.unlock(user)
+    try:
+        with _connect(target) as conn:
+            for user in users:
+                try:  # never follows a link: the maildrop and cur/new/tmp are opened O_NOFOLLOW
+                    locked = maildir.lock(user)
+                except MailboxRefused:
+                    continue  # logged by the Maildir reader; the other users go on
+                if not locked:
+                    raise StorageError(f"maildrop {user!r} is locked by a POP3 session")
+                try:
+                    results.append(_import_one(conn, maildir, user, log))
+                finally:
+                    maildir.unlock(user)
+    finally:
+        maildir.close()
     return results
+
+
+def _maildir_users(base: str, log: logging.Logger) -> list[str]:
+    """The valid mailbox names under *base* that are directories holding ``cur`` or ``new``.
+
+    Nothing is followed: a symlinked maildrop, ``cur`` or ``new`` is left out
+    (with a warning), as the POP3 server refuses it.
+    """
+    try:
+        with os.scandir(base) as it:
+            entries = sorted((e.name, e) for e in it if valid_mailbox_name(e.name))
+    except OSError as e:
+        raise StorageError(f"cannot list {base!r}: {e.strerror or e}") from e
+    users = []
+    for name, entry in entries:
+        try:
+            if entry.is_symlink():
+                log.warning("skipping maildrop %r: it is a symlink", name)
+                continue
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            with os.scandir(entry.path) as it:
+                subs = {e.name: e.is_dir(follow_symlinks=False) for e in it
+                        if e.name in ("cur", "new")}  # fmt: skip
+        except OSError as e:
+            log.warning("skipping maildrop %r: %s", name, e.strerror or e)
+            continue
+        if any(subs.values()):
+            users.append(name)
+    return users
 
 
 def _import_one(

@@ -22,7 +22,7 @@ import pytest
 import pop3proto
 from pop3proto._maildrop import MessageInfo
 from pop3proto._writers import wire_size
-from pop3proto.maildir import MaildirStorage, valid_mailbox_name
+from pop3proto.maildir import MaildirStorage, MessageTooBig, valid_mailbox_name
 from pop3proto.storage import MessageGone, Storage, StorageError
 
 T0 = 1700000000
@@ -72,6 +72,16 @@ def deadline(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
+def full_path(path: Any, dir_fd: int | None = None) -> str:
+    """The path *path* names: a descriptor or a name relative to *dir_fd* made whole."""
+    if isinstance(path, int):
+        return os.readlink(f"/proc/self/fd/{path}")
+    p = os.fspath(path)
+    if dir_fd is not None:
+        return os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), p)
+    return str(p)
+
+
 @contextmanager
 def count_opens(root: Path) -> Iterator[list[str]]:
     """Record every os.open of a file under a cur/ or new/ directory of *root*."""
@@ -79,8 +89,8 @@ def count_opens(root: Path) -> Iterator[list[str]]:
     real = os.open
 
     def spy(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        p = os.fspath(path)
-        if isinstance(p, str) and p.startswith(str(root)) and ("/cur/" in p or "/new/" in p):
+        p = full_path(path, kwargs.get("dir_fd"))
+        if p.startswith(str(root)) and ("/cur/" in p or "/new/" in p):
             seen.append(p)
         return real(path, flags, *args, **kwargs)
 
@@ -149,11 +159,11 @@ def test_new_file_vanishing_during_move_is_tolerated(
     put(tmp_path, f"{T0}.M2P1.h", b"b\n", sub="new")
     real = os.rename
 
-    def racing_rename(src: Any, dst: Any) -> None:
+    def racing_rename(src: Any, dst: Any, **kwargs: Any) -> None:
         if str(src).endswith("M1P1.h"):
-            os.unlink(src)  # another MUA took it first
+            os.unlink(src, dir_fd=kwargs.get("src_dir_fd"))  # another MUA took it first
             raise FileNotFoundError(errno.ENOENT, "gone", src)
-        real(src, dst)
+        real(src, dst, **kwargs)
 
     monkeypatch.setattr(os, "rename", racing_rename)
     assert [m.key for m in session(store)] == [f"{T0}.M2P1.h"]
@@ -280,7 +290,8 @@ def test_missing_maildrop_is_empty_and_not_created(tmp_path: Path) -> None:
 def test_create_makes_the_maildrop(tmp_path: Path) -> None:
     store = MaildirStorage(tmp_path / "root", create=True)
     assert session(store, "carol") == []
-    assert files(tmp_path / "root", "", "carol") == ["cur", "new", "pop3proto.lock", "tmp"]
+    assert files(tmp_path / "root", "", "carol") == ["cur", "new", "tmp"]
+    assert sorted(os.listdir(tmp_path / "root")) == [".pop3proto-locks", "carol"]
 
 
 def test_methods_need_the_lock(store: MaildirStorage) -> None:
@@ -546,7 +557,7 @@ def test_crash_mid_deletion_is_rolled_forward(
     done: list[str] = []
 
     def dying_unlink(path: Any, *args: Any, **kwargs: Any) -> None:
-        if "/cur/" in str(path) and done:
+        if "/cur/" in full_path(path, kwargs.get("dir_fd")) and done:
             raise Crash
         done.append(str(path))
         real(path, *args, **kwargs)
@@ -608,8 +619,8 @@ def count_lists(root: Path) -> Iterator[list[str]]:
         real = getattr(os, name)
 
         def spy(path: Any = ".", *, _real: Any = real) -> Any:
-            if str(os.fspath(path)).startswith(str(root)):
-                seen.append(os.fspath(path))
+            if full_path(path).startswith(str(root)):
+                seen.append(full_path(path))
             return _real(path)
 
         mp.setattr(os, name, spy)
@@ -833,3 +844,79 @@ def test_get_is_unbuffered_nonblocking_and_opens_directly(
         assert type(f) is io.FileIO
         assert f.read(65536) == b"hello\n"
     assert listed == []
+
+
+# -- deliver: streamed, capped ----------------------------------------------------
+
+DELIVER = """
+import sys
+from pop3proto.__main__ import main
+code = main(sys.argv[1:])
+with open("/proc/self/status") as f:
+    hwm = [line.split()[1] for line in f if line.startswith("VmHWM:")][0]
+print("VmHWM", hwm, file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def deliver_cli(stdin: Any, *args: str) -> tuple[int, bytes, bytes, int]:
+    """``python -m pop3proto deliver ARGS`` with *stdin*: (status, stdout, stderr, VmHWM kB)."""
+    env = dict(os.environ, PYTHONPATH=str(Path(pop3proto.__file__).parent.parent))
+    run = subprocess.run(
+        [sys.executable, "-c", DELIVER, "deliver", *args],
+        stdin=stdin,
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    *err, hwm = run.stderr.splitlines()
+    return run.returncode, run.stdout, b"\n".join(err), int(hwm.split()[1])
+
+
+def test_deliver_stream_is_byte_exact(tmp_path: Path) -> None:
+    data = b"Subject: streamed\r\n\r\n.dot\nbare\rcr\x00\xff\n" + os.urandom(700_000)
+    store = MaildirStorage(tmp_path)
+    key = store.deliver("alice", io.BytesIO(data), max_size=len(data))
+    (name,) = files(tmp_path, "new")
+    assert name == key
+    assert key.endswith(f",S={len(data)},W={wire_size(data)}")
+    assert (tmp_path / "alice" / "new" / key).read_bytes() == data
+    assert files(tmp_path, "tmp") == []
+
+
+def test_deliver_over_the_cap_stores_nothing(tmp_path: Path) -> None:
+    store = MaildirStorage(tmp_path)
+    with pytest.raises(MessageTooBig):
+        store.deliver("alice", io.BytesIO(b"x" * 1001), max_size=1000)
+    with pytest.raises(MessageTooBig):
+        store.deliver("alice", b"x" * 1001, max_size=1000)
+    assert files(tmp_path, "new") == files(tmp_path, "tmp") == files(tmp_path, "cur") == []
+
+
+def test_deliver_command_streams_with_a_cap(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    big = tmp_path / "big"
+    line = b"0123456789" * 9 + b"abcdefghi\n"
+    size = 64 * 1024 * 1024
+    with open(big, "wb") as f:
+        for _ in range(size // (len(line) * 1024)):
+            f.write(line * 1024)
+    size = big.stat().st_size
+    with open(big, "rb") as f:  # over the cap: nothing delivered, one line, status 2
+        status, out, err, _ = deliver_cli(f, "--maildir", str(root), "--max-size", "1000", "bob")
+    assert status == 2
+    assert len(err.splitlines()) == 1
+    assert b"over 1000 bytes" in err
+    assert files(root, "new", "bob") == files(root, "tmp", "bob") == []
+    with open(big, "rb") as f:  # under it: delivered byte-exact, memory flat
+        status, out, err, hwm = deliver_cli(f, "--maildir", str(root), "bob")
+    assert status == 0, err
+    name = out.decode().strip()
+    assert files(root, "new", "bob") == [name]
+    assert name.endswith(f",S={size},W={size + size // len(line)}")
+    with open(root / "bob" / "new" / name, "rb") as f, open(big, "rb") as g:
+        while chunk := f.read(1 << 20):
+            assert chunk == g.read(1 << 20)
+    print(f"\n[figure] deliver of {size >> 20} MiB: VmHWM {hwm >> 10} MiB", file=sys.stderr)
+    assert hwm < 48 * 1024  # kB: the message (64 MiB) was never held whole

@@ -9,6 +9,7 @@ all-or-nothing deletion, whole POP3 sessions through ``Server`` and
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -860,3 +861,80 @@ def test_deliver_command(db: str, cluster: pgserver.PgCluster) -> None:
     assert len(result.stderr.splitlines()) == 1
     assert b"missing" in result.stderr
     assert count(db) == 1
+
+
+def test_import_never_follows_a_link(
+    db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "mail"
+    store = MaildirStorage(root, create=True)
+    for user in ("alice", "bob", "carol", "mallory"):
+        store.deliver(user, f"{user}'s own\n".encode())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "1700000000.M1P1.secret:2,").write_bytes(b"secret\n")
+    for user, sub in (("bob", "cur"), ("carol", "new")):
+        os.rename(root / user / sub, root / user / f"{sub}.real")
+        os.symlink(outside, root / user / sub)
+    os.symlink("alice", root / "linked")  # a second name for alice's maildrop
+    (root / "dave").mkdir()
+    os.symlink(outside, root / "dave" / "cur")  # only a linked cur/: not a maildrop
+    with caplog.at_level(logging.WARNING):
+        results = import_maildir(db, root)
+    assert [(r.user, r.imported) for r in results] == [("alice", 1), ("mallory", 1)]
+    assert sql(db, "SELECT count(*) FROM messages WHERE data = 'secret\n'::bytea")[0][0] == 0
+    text = caplog.text
+    assert "'bob': cur/ is a link" in text
+    assert "'carol': new/ is a link" in text
+    assert "'linked': it is a symlink" in text
+    assert (outside / "1700000000.M1P1.secret:2,").read_bytes() == b"secret\n"
+    assert import_maildir(db, root, ["bob"]) == []  # named explicitly: skipped the same way
+    assert sorted(os.listdir(outside)) == ["1700000000.M1P1.secret:2,"]
+
+
+def test_deliver_streams_with_a_cap(db: str, tmp_path: Path) -> None:
+    import io
+
+    from pop3proto.maildir import MessageTooBig
+    from pop3proto.pgstore import deliver
+
+    data = b"Subject: streamed\r\n\r\n.dot\nbare\rcr\x00\xff\\x\t\n" + os.urandom(3_000_000)
+    for name in ("alice", "we\\ird\u00e9 name"):  # COPY's text escapes
+        uid = deliver(db, name, io.BytesIO(data), max_size=len(data))
+        rows = sql(db, "SELECT size, data FROM messages WHERE mailbox = %s AND uid = %s",
+                   (name, uid))  # fmt: skip
+        assert [(r[0], bytes(r[1])) for r in rows] == [(wire_size(data), data)]
+    with pytest.raises(MessageTooBig):
+        deliver(db, "alice", io.BytesIO(data), max_size=len(data) - 1)
+    assert count(db) == 1
+
+    add_user(db, "bob", "{PLAIN}x")
+    big = tmp_path / "big"
+    line = b"0123456789" * 9 + b"abcdefghi\n"
+    with open(big, "wb") as f:
+        for _ in range(400):
+            f.write(line * 1024)  # 40 MiB
+    size = big.stat().st_size
+    code = ("import sys\nfrom pop3proto.__main__ import main\nc = main(sys.argv[1:])\n"
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0],"
+            " file=sys.stderr)\nsys.exit(c)")  # fmt: skip
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    hwms = []
+    small = tmp_path / "small"
+    small.write_bytes(line)
+    for source, cap, status in ((small, size, 0), (big, size - 1, 2), (big, size, 0)):
+        with open(source, "rb") as f:
+            run = subprocess.run([sys.executable, "-c", code, "deliver", "--db", db,
+                                  "--max-size", str(cap), "bob"], stdin=f, capture_output=True,
+                                 env=env, timeout=120, check=False)  # fmt: skip
+        assert run.returncode == status, run.stderr
+        *err, hwm = run.stderr.decode().strip().splitlines()
+        hwms.append(int(hwm.split()[1]))
+    assert err == []
+    rows = sql(db, "SELECT size, length(data), md5(data) FROM messages WHERE mailbox = 'bob' "
+               "ORDER BY id")  # fmt: skip
+    assert rows[1:] == [(size + size // len(line), size, hashlib.md5(big.read_bytes()).hexdigest())]
+    print(f"\n[figure] pg deliver VmHWM: {size >> 20} MiB message {hwms[2] >> 10} MiB, "
+          f"one line {hwms[0] >> 10} MiB", file=sys.stderr)  # fmt: skip
+    assert hwms[2] - hwms[0] < 16 * 1024  # kB: the message (40 MiB) was never held whole
