@@ -10,7 +10,7 @@ import base64
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 __all__ = [
     "PlainVerifier",
@@ -105,6 +105,9 @@ class Verifier(Protocol):
 @dataclass(frozen=True, slots=True)
 class PlainVerifier:
     """A verifier over a cleartext secret (``{PLAIN}`` entries, tests, examples)."""
+
+    #: A comparison, no hashing: safe to run on an event loop.
+    nonblocking: ClassVar[bool] = True
 
     secret: str
     scram_salt: bytes = b"pop3proto-plain"

@@ -228,6 +228,11 @@ class SessionDriver:
         return self._closed
 
     @property
+    def delaying(self) -> bool:
+        """Whether a failed-login delay is running (RECEIVE then only watches for a hang-up)."""
+        return self._sleep_until is not None
+
+    @property
     def ssl_context(self) -> Any:
         """The context to run the START_TLS handshake with."""
         return self.services.ssl_context()

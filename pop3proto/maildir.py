@@ -556,6 +556,9 @@ class MaildirStorage:
             are reported.
     """
 
+    #: Reads of an opened message are page-cache reads: fine on an event loop.
+    nonblocking_reads = True
+
     def __init__(
         self,
         root: str | os.PathLike[str],

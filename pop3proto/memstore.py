@@ -27,6 +27,11 @@ class MemoryStorage:
     make ``get`` raise ``MessageGone``; ``messages`` shows what is left.
     """
 
+    #: Every method is a dict operation: safe to run on an event loop.
+    nonblocking = True
+    #: Streams from ``get`` are in memory.
+    nonblocking_reads = True
+
     def __init__(self) -> None:
         self._mutex = threading.Lock()
         self._boxes: dict[str, dict[str, tuple[bytes, str]]] = {}  # key -> (data, uid)

@@ -33,11 +33,13 @@ class Host:
         self.calls: list[str] = []
         self.sleeps = 0
 
-    def run(self, *chunks: bytes, idle: bool = False, max_actions: int = 10_000) -> bytes:
+    def run(self, *chunks: bytes, idle: bool = False, serve_delays: bool = True,
+            max_actions: int = 10_000) -> bytes:
         """Feed *chunks* one per RECEIVE, then stop when input is needed (or on CLOSE).
 
-        With *idle*, once the chunks are used the clock jumps to the deadline
-        instead (the client stays silent).  Returns what was written meanwhile.
+        Failed-login delays are served by moving the clock (unless not
+        *serve_delays*); with *idle*, once the chunks are used the clock jumps
+        to the deadline (the client stays silent).  Returns what was written.
         """
         pending = list(chunks)
         start = len(self.wire)
@@ -48,10 +50,10 @@ class Host:
                 deadline = driver.deadline
                 if pending:
                     driver.receive_data(pending.pop(0))
-                elif idle or (deadline is not None and driver._sleep_until is not None):
+                elif idle or (serve_delays and driver.delaying):
                     if deadline is None:
                         break
-                    self.sleeps += driver._sleep_until is not None
+                    self.sleeps += driver.delaying
                     self.now = deadline
                 else:
                     break
@@ -153,7 +155,7 @@ def test_failed_login_delay_is_served_before_the_err_and_a_hangup_frees_the_slot
 ) -> None:
     server, _ = make_server(max_connections_per_address=1, limit_loopback=True)
     host = Host(server)
-    host.run(b"USER alice\r\nPASS wrong\r\n")
+    host.run(b"USER alice\r\nPASS wrong\r\n", serve_delays=False)
     driver = host.driver
     # The delay is running: no -ERR yet, and the host is asked to read until it ends.
     assert b"-ERR" not in host.wire
@@ -164,7 +166,7 @@ def test_failed_login_delay_is_served_before_the_err_and_a_hangup_frees_the_slot
     assert server.connections() == []
     # ... and the penalty stays with the address: the next attempt waits for it.
     again = Host(server)
-    again.run(b"USER alice\r\nPASS pencil\r\n")
+    again.run(b"USER alice\r\nPASS pencil\r\n", serve_delays=False)
     assert b"+OK Logged in" not in again.wire
     assert again.driver.deadline is not None and again.driver.deadline > again.now
     failed = [e for e in events(records) if e["event"] == "login_failed"]
@@ -279,9 +281,9 @@ def test_ipv6_clients_of_one_prefix_share_the_per_address_limit() -> None:
 def test_ipv6_addresses_of_one_48_share_a_penalty() -> None:
     server, _ = make_server(penalty_ipv6_prefix=48)
     bad = Host(server, ("2001:db8:1:2::1", 1))
-    bad.run(b"USER a\r\nPASS b\r\n")
+    bad.run(b"USER a\r\nPASS b\r\n", serve_delays=False)
     neighbour = Host(server, ("2001:db8:1:ffff::9", 1))
-    neighbour.run(b"USER alice\r\nPASS pencil\r\n")
+    neighbour.run(b"USER alice\r\nPASS pencil\r\n", serve_delays=False)
     assert b"Logged in" not in neighbour.wire  # waits for the /48's penalty first
     assert neighbour.driver.deadline is not None and neighbour.driver.deadline > neighbour.now
 
@@ -341,8 +343,9 @@ def test_blocking_callbacks_are_marked_for_a_thread_and_cheap_ones_inline() -> N
             return PlainVerifier("pencil"), name
 
     server, _ = make_server(auth=Slow())
-    driver = Host(server).driver
-    driver.next_action(100.0)  # first action: the config call
+    host = Host(server)
+    host.run()  # the config call and the greeting
+    driver = host.driver
     seen = []
     driver.receive_data(b"USER alice\r\nPASS pencil\r\n")
     action: Any = driver.next_action(100.0)
