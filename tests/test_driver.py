@@ -168,10 +168,13 @@ def test_failed_login_delay_is_served_before_the_err_and_a_hangup_frees_the_slot
     again = Host(server)
     again.run(b"USER alice\r\nPASS pencil\r\n", serve_delays=False)
     assert b"+OK Logged in" not in again.wire
-    assert again.driver.deadline is not None and again.driver.deadline > again.now
+    assert again.driver.deadline is not None
+    assert again.driver.deadline > again.now
     failed = [e for e in events(records) if e["event"] == "login_failed"]
-    assert failed and failed[0]["reason"] == "password mismatch"
-    assert failed[0]["user"] == "alice" and failed[0]["method"] == "USER"
+    assert failed
+    assert failed[0]["reason"] == "password mismatch"
+    assert failed[0]["user"] == "alice"
+    assert failed[0]["method"] == "USER"
 
 
 def test_unknown_user_and_wrong_password_look_the_same_to_the_client(
@@ -225,7 +228,8 @@ def test_shutdown_says_goodbye_releases_the_lock_and_applies_nothing(
     out = host.run()
     assert out == b"-ERR [SYS/TEMP] Server shutting down.\r\n"
     assert host.driver.closed
-    assert len(store.messages("alice")) == 2 and store.lock("alice")
+    assert len(store.messages("alice")) == 2
+    assert store.lock("alice")
     assert events(records)[-1]["reason"] == "Server shutting down"
 
 
@@ -285,7 +289,8 @@ def test_ipv6_addresses_of_one_48_share_a_penalty() -> None:
     neighbour = Host(server, ("2001:db8:1:ffff::9", 1))
     neighbour.run(b"USER alice\r\nPASS pencil\r\n", serve_delays=False)
     assert b"Logged in" not in neighbour.wire  # waits for the /48's penalty first
-    assert neighbour.driver.deadline is not None and neighbour.driver.deadline > neighbour.now
+    assert neighbour.driver.deadline is not None
+    assert neighbour.driver.deadline > neighbour.now
 
 
 def test_parallel_failures_queue_their_penalties() -> None:
