@@ -102,3 +102,24 @@ def test_the_checker_catches_violations(tmp_path: Path) -> None:
         ("time", 0),
         ("__import__", 0),
     }
+
+
+# The session driver and the policy it runs are held to the same rule: no I/O, no
+# clock, no randomness, no logging of their own.  Besides the core they may use
+# the storage contracts (exceptions, the inline-call rule) and each other.
+DRIVER = [PACKAGE / "driver.py", PACKAGE / "policy.py", PACKAGE / "limits.py"]
+DRIVER_NAMES = CORE_NAMES | {"driver", "policy", "limits", "storage"}
+
+
+@pytest.mark.parametrize("path", DRIVER, ids=lambda p: p.name)
+def test_driver_module_does_no_io(path: Path) -> None:
+    bad = []
+    for module, level, line in imports(path):
+        top = module.split(".")[0]
+        if level == 0 and (top in FORBIDDEN or top == "__import__"):
+            bad.append(f"{path.name}:{line} imports {module}")
+        if level == 1 and top not in DRIVER_NAMES:
+            bad.append(f"{path.name}:{line} imports .{module}, outside the driver's world")
+        if level > 1 or (level == 0 and top == "pop3proto"):
+            bad.append(f"{path.name}:{line} imports {module} from outside")
+    assert not bad
