@@ -138,7 +138,7 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
 def invocations(block: Block) -> list[tuple[str, list[str]]]:
     """(module and command, words after it) for each ``python -m pop3proto...`` command."""
     text = block.code.replace("\\\n", " ")
-    out = []
+    out: list[tuple[str, list[str]]] = []
     for line in text.split("\n"):
         for command in re.split(r"&&|\|\||[|;<>]", line):
             try:
