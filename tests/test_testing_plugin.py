@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import trustme  # noqa: F401  (imported here, outside the runs: see below)
+from clients import curl
 
 from pop3proto.testing import Pop3TestServer
 
@@ -496,6 +497,24 @@ def test_a_user_trace_still_sees_commands(pytester: pytest.Pytester) -> None:
         """,
         passed=1,
     )
+
+
+@pytest.mark.clients
+def test_curl_trusts_the_ca_file(tmp_path: Path) -> None:
+    with Pop3TestServer(tls="implicit", directory=tmp_path) as server:
+        alice = server.add_user("alice", "pw")
+        key = alice.deliver(b"Subject: hi\r\n\r\nover pop3s\r\n")
+        url = f"pop3s://alice:pw@127.0.0.1:{server.pop3s_port}/1"
+        got = curl("--cacert", server.ca_file, url)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == b"Subject: hi\r\n\r\nover pop3s\r\n"
+        starttls = curl(
+            "--ssl-reqd", "--cacert", server.ca_file, f"pop3://alice:pw@127.0.0.1:{server.port}/1"
+        )
+        assert starttls.returncode == 0, starttls.stderr
+        assert alice.retrieved() == [key, key]
+        assert curl(f"pop3s://alice:pw@127.0.0.1:{server.pop3s_port}/1").returncode != 0
+    assert Path(server.ca_file).exists()  # a directory it was given is left alone
 
 
 # ---------------------------------------------------------------- the example
