@@ -11,6 +11,7 @@ child pytest the way a user would.
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ pytest_plugins = ["pytester"]
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "test_fetch_with_pop3proto.py"
+DOC = REPO / "docs" / "testing.md"
 
 
 def _plugin_args() -> list[str]:
@@ -531,3 +533,23 @@ def test_the_example_runs_as_a_user_would_run_it(tmp_path: Path) -> None:
     out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
     assert proc.returncode == 0, out
     assert "4 passed" in out
+
+
+def doc_blocks() -> list[str]:
+    """The Python code blocks of docs/testing.md, dedented."""
+    pattern = re.compile(r"^( *)```python\n(.*?)^\1```$", re.MULTILINE | re.DOTALL)
+    return [textwrap.dedent(m.group(2)) for m in pattern.finditer(DOC.read_text())]
+
+
+def test_the_documentation_blocks_run(pytester: pytest.Pytester) -> None:
+    blocks = doc_blocks()
+    assert len(blocks) >= 6
+    for n, block in enumerate(blocks):
+        pytester.makepyfile(**{f"test_doc_{n}": block})
+    tests = sum(len(re.findall(r"^def test_", b, re.MULTILINE)) for b in blocks)
+    pytester.makeini(
+        "[pytest]\nfilterwarnings =\n    error\n"
+        "    ignore:Module already imported:pytest.PytestAssertRewriteWarning\n"
+    )
+    result = pytester.runpytest(*PLUGIN, "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=tests)
