@@ -6,6 +6,7 @@ as a subprocess on 127.0.0.1, port 0, and stops it.
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
@@ -174,3 +175,21 @@ def test_check_config_passes_and_fails_with_one_line(env: MailEnv, tmp_path: Pat
     assert "none.pem" in line
     line = one_error(*good, "--user", "no-such-user-here", "--check-config")
     assert "no-such-user-here" in line
+
+
+def test_json_logs_from_the_command(env: MailEnv) -> None:
+    proc = Proc(module_argv("blocking", "--port", "0", "--log-format", "json",
+                            "--log-level", "DEBUG", "--maildir-root", str(env.root),
+                            "--passwd-file", str(env.passwd)))
+    try:
+        proc.expect(LISTENING)
+        proc.p.send_signal(signal.SIGTERM)
+        assert proc.wait() == 0
+    finally:
+        proc.kill()
+    records = [json.loads(line) for line in proc.stderr]
+    limit = [r for r in records if r["message"].startswith("open-file limit: ")]
+    assert len(limit) == 1
+    assert limit[0]["level"] == "DEBUG"
+    assert limit[0]["logger"] == "pop3proto"
+    assert limit[0]["pid"] == proc.p.pid

@@ -95,3 +95,20 @@ def test_the_command_serves_live_connections(tmp_path: Path) -> None:
         assert proc.wait() == 0
     finally:
         proc.kill()
+
+
+def test_workers_share_one_endpoint(tmp_path: Path) -> None:
+    """With --workers the counters are summed across processes (multiprocess mode)."""
+    env = make_env(tmp_path)
+    proc = Proc(module_argv("blocking", "--port", "0", "--metrics-port", "0", "--workers", "2",
+                            "--maildir-root", str(env.root), "--passwd-file", str(env.passwd)))
+    try:
+        mport = int(proc.expect(r"metrics on http://127\.0\.0\.1:(\d+)/metrics").group(1))
+        proc.expect(r"listening on 127\.0\.0\.1:(\d+)")
+        got = scrape(mport)
+        assert got["pop3proto_refused_connections_total"] == 0
+        assert "pop3proto_connections" not in got
+        proc.p.send_signal(signal.SIGTERM)
+        assert proc.wait() == 0
+    finally:
+        proc.kill()

@@ -15,6 +15,7 @@ The live-connections gauge then is not served (it reads one process's
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -26,12 +27,8 @@ MISSING_EXTRA = ("--metrics-port needs prometheus_client: pip install 'pop3proto
 
 
 def available() -> bool:
-    """Whether prometheus_client can be imported."""
-    try:
-        import prometheus_client  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether prometheus_client is installed (not imported: multiprocess mode is chosen then)."""
+    return importlib.util.find_spec("prometheus_client") is not None
 
 
 def _pair(value: Any) -> tuple[float, float]:
