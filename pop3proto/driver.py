@@ -134,8 +134,8 @@ class Services(Protocol):
     def login_failed(self, host: str, now: float) -> float:
         """Count a failed login from *host*; the delay to serve before answering."""
 
-    def log_event(self, level: int, message: str, fields: dict[str, Any]) -> None:
-        """Write one log line (``fields`` are the structured ``pop3`` record fields)."""
+    def log_event(self, level: int, fields: dict[str, Any]) -> None:
+        """Log one session event (``fields["event"]`` says which; see ``pop3proto.ops.logfmt``)."""
 
     def nonce(self) -> str:
         """A fresh random token (APOP timestamps, SASL nonces)."""
@@ -154,14 +154,6 @@ _INFO, _WARNING = 20, 30
 #: Input octets a client may send during a failed-login delay before it is cut off.
 _MAX_INPUT_WHILE_DELAYED = 64 * 1024
 _FINAL_STATES = (Phase.CLOSED, Phase.ERROR)
-
-
-def _quote(value: str) -> str:
-    """A log value between < >, with control characters, <, > and \\ escaped."""
-    return "<" + "".join(
-        f"\\x{ord(c):02x}" if c in "<>\\" or ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 else c
-        for c in value
-    ) + ">"
 
 
 class SessionDriver:
@@ -300,8 +292,7 @@ class SessionDriver:
         self._lost = True
         if self._handshaking:
             self._handshaking = False
-            self._log(_INFO, "TLS handshake failed", "tls_failed",
-                      reason=str(exc) if exc else "failed")
+            self._log(_INFO, "tls_failed", reason=str(exc) if exc else "failed")
             self.end_reason = "TLS handshake failed"
         elif self.end_reason == "Connection closed" and self.conn.phase not in _FINAL_STATES:
             self.end_reason = "Connection lost"
@@ -524,8 +515,10 @@ class SessionDriver:
         return CLOSE
 
     # ------------------------------------------------------------------ logs
+    # The driver says what happened (``fields``); the server words it
+    # (``pop3proto.ops.logfmt.event_message``), so the text lives in one place.
 
-    def _fields(self, event: str, **extra: Any) -> dict[str, Any]:
+    def _log(self, level: int, event: str, **extra: Any) -> None:
         fields: dict[str, Any] = {
             "event": event,
             "session": self.id,
@@ -535,54 +528,25 @@ class SessionDriver:
             "tls": self.tls,
         }
         fields.update(extra)
-        return fields
-
-    def _where(self) -> str:
-        return f"rip={self.peer[0]}, rport={self.peer[1]}, session=<{self.id}>"
-
-    def _log(self, level: int, message: str, event: str, **extra: Any) -> None:
-        self.services.log_event(level, message, self._fields(event, **extra))
+        self.services.log_event(level, fields)
 
     def log_login(self) -> None:
         """The login line (user, method, TLS, peer, session)."""
-        p = self.policy
-        secured = ", secured" if self.tls else ""
-        self._log(
-            _INFO,
-            f"Login: user={_quote(p.user or '')}, method={p.method}, {self._where()}{secured}",
-            "login",
-            method=p.method,
-        )
+        self._log(_INFO, "login", method=self.policy.method)
 
     def log_login_failed(self, reason: str, delay: float) -> None:
         """One failed login: the reason is for the admin, never for the client."""
-        p = self.policy
-        user = p.attempted_user
-        who = f"user={_quote(user)}, " if user else ""
-        self._log(
-            _INFO,
-            f"Login failed ({reason}): {who}method={p.method}, {self._where()}",
-            "login_failed",
-            method=p.method,
-            reason=reason,
-            delay=delay,
-        )
+        self._log(_INFO, "login_failed", method=self.policy.method, reason=reason, delay=delay)
 
     def log_error(self, what: str, exc: BaseException) -> None:
         """A callback failed (storage, authenticator): a warning with the exception."""
-        self._log(
-            _WARNING,
-            f"{what}: {type(exc).__name__}: {exc}: {self._where()}",
-            "storage_error",
-            reason=f"{what}: {type(exc).__name__}: {exc}",
-        )
+        self._log(_WARNING, "storage_error", reason=f"{what}: {type(exc).__name__}: {exc}")
 
     def _log_end(self) -> None:
         p, s = self.policy, self.conn.stats
         duration = round(self.now - self.started, 3)
         if self._refused is not None:
-            self._log(_INFO, f"Refused ({self._refused}): {self._where()}", "refused",
-                      reason=self._refused)
+            self._log(_INFO, "refused", reason=self._refused)
             return
         if self.conn.username is None:  # never logged in
             if p.auth_failures:
@@ -591,37 +555,28 @@ class SessionDriver:
                 why = "no successful login"
             else:
                 why = "no auth attempts"
-            who = f"user={_quote(p.attempted_user)}, " if p.attempted_user else ""
-            self._log(
-                _INFO,
-                f"Disconnected ({why}; {self.end_reason}): {who}{self._where()}",
-                "disconnect",
-                reason=self.end_reason,
-                duration=duration,
-            )
+            self._log(_INFO, "disconnect", reason=f"{why}: {self.end_reason}",
+                      duration=duration)
             return
         drop = self.conn.maildrop
-        deleted = s.deleted
         total = drop.count + len(drop.deleted) if drop is not None else 0
-        size = drop.octets if drop is not None else 0
-        fields = {
+        self.services.log_event(_INFO, {
+            "event": "logout",
+            "session": self.id,
+            "rip": self.peer[0],
+            "rport": self.peer[1],
+            "user": p.user,
+            "tls": self.tls,
             "reason": self.end_reason,
             "top": list(p.top),
             "retr": list(p.retr),
-            "del": [deleted, total],
-            "size": size,
+            "del": [s.deleted, total],
+            "size": drop.octets if drop is not None else 0,
             "in": s.bytes_in,
             "out": s.bytes_out,
             "commands": s.commands,
             "duration": duration,
-        }
-        self.services.log_event(
-            _INFO,
-            f"{self.end_reason}: user={_quote(p.user or '')}, top={p.top[0]}/{p.top[1]}, "
-            f"retr={p.retr[0]}/{p.retr[1]}, del={deleted}/{total}, size={size}, "
-            f"in={s.bytes_in}, out={s.bytes_out}, {self._where()}",
-            self._fields("logout", **fields),
-        )
+        })
 
     # ------------------------------------------------------------------ for the server
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ._config import Config
 from .driver import SessionDriver, Settings
 from .limits import AddressCounter, Penalties, address_group
+from .ops.logfmt import event_message
 from .options import OPTIONS, check_option
 from .pop3d import Pop3dAuth, Pop3dStorage
 from .storage import SafeLog
@@ -441,11 +442,11 @@ class Server:
         with self._lock:
             return self._penalties.failed(key, now)
 
-    def log_event(self, level: int, message: str, fields: dict[str, Any]) -> None:
-        """Write one session log line with its structured fields (``record.pop3``)."""
+    def log_event(self, level: int, fields: dict[str, Any]) -> None:
+        """Write one session event: its Dovecot-shaped line, with the fields as ``record.pop3``."""
         fields["pid"] = self._pid
         try:
-            self.logger.log(level, "%s", message, extra={"pop3": fields})
+            self.logger.log(level, "%s", event_message(fields), extra={"pop3": fields})
         except Exception:  # a failing log handler never kills a session
             pass
 

@@ -396,7 +396,7 @@ class Pop3TestServer:
         self._own_directory: Path | None = None
         self._ca: Any = None
         self._ca_file: Path | None = None
-        self._user_trace: Callable[[int, str, str], None] | None = server_options.pop("trace", None)
+        self._user_trace: Callable[[str, str, str], None] | None = server_options.pop("trace", None)
         options = {**_TEST_DEFAULTS, **server_options}
         options.setdefault("port", 0)
         if tls is not None:
@@ -562,7 +562,7 @@ class Pop3TestServer:
         leaf.configure_cert(ctx)
         return ctx
 
-    def _trace(self, session_id: int, direction: str, line: str) -> None:
+    def _trace(self, session_id: str, direction: str, line: str) -> None:
         """The server's trace hook: note whether the next ``get`` is a RETR or a TOP."""
         if direction == "C":
             keyword = line.split(" ", 1)[0].upper()

@@ -95,7 +95,7 @@ def event_message(fields: Mapping[str, Any]) -> str:
     event = str(fields.get("event", ""))
     reason = fields.get("reason")
     if event == "logout":
-        label = f"Disconnected ({reason})" if reason else "Logged out"
+        label = f"Disconnected ({reason})" if reason and reason != "Logged out" else "Logged out"
     else:
         label = _LABELS.get(event, event or "Event")
         if reason:
