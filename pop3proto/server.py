@@ -253,19 +253,27 @@ class Server:
         if handle is not None:
             handle.stop_listening()
         if mode == "kill":
-            with self._lock:
-                killers = list(self._killers.values())
-            for kill in killers:
-                try:
-                    kill()
-                except Exception:
-                    pass
+            self.kill_sessions()
         self.wait_sessions(timeout)
         if handle is not None:
             handle.join(timeout)
         with self._lock:
             self._state = "down"
             self._bound = {}
+
+    def kill_sessions(self) -> None:
+        """Ask every live session to end now, without updates (through its host's killer).
+
+        Each gets ``-ERR [SYS/TEMP] Server shutting down.`` where a line can
+        still be sent; returns at once (``wait_sessions`` waits).
+        """
+        with self._lock:
+            killers = list(self._killers.values())
+        for kill in killers:
+            try:
+                kill()
+            except Exception:
+                pass
 
     def wait_sessions(self, timeout: float | None = None) -> bool:
         """Wait until no session is live; True if none is."""
