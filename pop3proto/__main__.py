@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,25 @@ def _error(command: str, message: str, status: int = 2) -> int:
     return status
 
 
+#: Hash schemes whose library comes with the "hashes" extra: scheme -> (module, package).
+_HASH_LIBRARIES = {"BLF-CRYPT": ("bcrypt", "bcrypt"), "ARGON2ID": ("argon2", "argon2-cffi"),
+                   "ARGON2I": ("argon2", "argon2-cffi")}  # fmt: skip
+
+
+def _missing_extra(scheme: str) -> str | None:
+    """What to install for *scheme*, or None when its library is importable."""
+    module, package = _HASH_LIBRARIES.get(scheme, ("", ""))
+    if not module:
+        return None
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        pass
+    else:
+        return None
+    return f"{{{scheme}}} needs {package}: pip install 'pop3proto[hashes]'"
+
+
 def _hash_from_args(command: str, args: argparse.Namespace) -> str | int:
     """The ``{SCHEME}hash`` field for ``--scheme``/``--password`` (asked twice if absent),
     or the exit status after one line on stderr."""
@@ -34,6 +54,8 @@ def _hash_from_args(command: str, args: argparse.Namespace) -> str | int:
     if scheme not in HASH_SCHEMES:
         return _error(command, f"unknown scheme {args.scheme!r}; use one of "
                                f"{', '.join(HASH_SCHEMES)}")  # fmt: skip
+    if (missing := _missing_extra(scheme)) is not None:  # before asking for the password
+        return _error(command, missing, 1)
     if args.user is not None and (problem := user_name_problem(args.user)) is not None:
         return _error(command, problem)
     password: str | None = args.password
