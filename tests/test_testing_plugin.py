@@ -524,7 +524,8 @@ def test_curl_trusts_the_ca_file(tmp_path: Path) -> None:
 
 def test_the_example_runs_as_a_user_would_run_it(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "pop3proto.testing", "-p", "no:cacheprovider", "-q", str(EXAMPLE)],
+        [sys.executable, "-m", "pytest", "-p", "pop3proto.testing", "-p", "no:cacheprovider",
+         "-q", str(EXAMPLE)],
         cwd=REPO,
         capture_output=True,
         timeout=120,
