@@ -245,3 +245,75 @@ def test_mbox_storage_demo_directory() -> None:
         empty = login(port, "alice", "wonderland")
         assert empty.stat()[0] == 2
         empty.quit()
+
+
+# ------------------------------------------------- the full server policy in your own loop
+
+EMBED_EXAMPLES = ["embed_asyncio.py", "embed_trio.py"]
+
+
+@pytest.fixture
+def maildir_and_users(tmp_path: Path) -> tuple[Path, Path]:
+    """A Maildir root with alice's two messages, and a passwd-file with her {PLAIN} password."""
+    root = tmp_path / "mail"
+    for sub in ("cur", "new", "tmp"):
+        (root / "alice" / sub).mkdir(parents=True)
+    (root / "alice" / "new" / "1.m1.host").write_bytes(b"Subject: one\n\n.dot line\n")
+    (root / "alice" / "new" / "2.m2.host").write_bytes(b"Subject: two\n\nbody\n")
+    users = tmp_path / "users"
+    users.write_text("alice:{PLAIN}wonderland\n")
+    return root, users
+
+
+@pytest.mark.parametrize("name", EMBED_EXAMPLES)
+def test_embedded_policy_serves_a_maildir_with_sasl_and_limits(
+    name: str, maildir_and_users: tuple[Path, Path]
+) -> None:
+    root, users = maildir_and_users
+    with example(name, "--maildir-root", str(root), "--passwd-file", str(users)) as port:
+        client = login(port)
+        assert client.stat() == (2, len(b"Subject: one\r\n\r\n.dot line\r\n")
+                                 + len(b"Subject: two\r\n\r\nbody\r\n"))
+        assert client.retr(1)[1][-1] == b".dot line"
+        with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+            login(port)  # the Maildir lock holds across sessions
+        client.dele(2)
+        assert client.quit().startswith(b"+OK")
+        assert len(list((root / "alice" / "cur").iterdir())) == 1
+        # SASL PLAIN with an initial response, and CAPA from the server's policy
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+            f = sock.makefile("rb")
+            assert f.readline().startswith(b"+OK")
+            token = base64.b64encode(b"\0alice\0wonderland")
+            sock.sendall(b"AUTH PLAIN " + token + b"\r\nSTAT\r\nQUIT\r\n")
+            assert f.readline().startswith(b"+OK")
+            assert f.readline() == b"+OK 1 27\r\n"
+            assert f.readline().startswith(b"+OK")
+        # a wrong password gets [AUTH] (after the failed-login delay)
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            login(port, password="wrong")
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+@pytest.mark.parametrize("name", EMBED_EXAMPLES)
+def test_embedded_policy_does_stls_for_curl(
+    name: str, maildir_and_users: tuple[Path, Path], tmp_path: Path
+) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_file, key_file, ca_file = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    root, users = maildir_and_users
+    args = ("--maildir-root", str(root), "--passwd-file", str(users),
+            "--tls-cert", str(cert_file), "--tls-key", str(key_file))
+    with example(name, *args) as port:
+        out = subprocess.run(
+            [CURL or "curl", "-s", "--ssl-reqd", "--cacert", str(ca_file), "--max-time", "10",
+             f"pop3://alice:wonderland@127.0.0.1:{port}/1"],
+            capture_output=True, timeout=20, check=False,
+        )
+        assert out.returncode == 0, out.stderr
+        assert b".dot line" in out.stdout
