@@ -92,6 +92,8 @@ Action = Write | Call | _Action
 
 #: Octets of a message that are handed out at once (one write per chunk).
 FLUSH_AT = 64 * 1024
+#: Seconds the last bytes of an ending session (a goodbye) may take to write.
+FINAL_WAIT = 5.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -244,6 +246,8 @@ class SessionDriver:
         if self._handshaking:
             t = self.settings.handshake_timeout
             return self._last_activity + t if t else None
+        if self._ending or self._lost:  # the last bytes and the lock's release
+            return self._last_activity + FINAL_WAIT
         return self._idle_deadline()
 
     def _idle_deadline(self) -> float | None:
@@ -390,8 +394,13 @@ class SessionDriver:
                 return out
             assert isinstance(event, Event)
             if isinstance(event, ConnectionClosed):
-                if self.end_reason == "Connection closed" and self._eof and not self.policy.user:
-                    self.end_reason = "Connection closed by client"
+                if self.end_reason == "Connection closed":
+                    if self._eof:
+                        self.end_reason = "Connection closed by client"
+                    elif self.conn.stats.auth_failures >= self.conn.config.max_auth_failures:
+                        self.end_reason = "Too many failed logins"
+                    else:  # QUIT before login
+                        self.end_reason = "Logged out"
                 self._ending = True
                 continue
             self._steps = self._handle(event)
@@ -415,7 +424,7 @@ class SessionDriver:
     def _out(self) -> Write | None:
         data = self.conn.data_to_send()
         if data:
-            self._touched = True  # a write that completes is progress
+            self._last_activity = self.now  # the write gets a whole deadline of its own
             return Write(data)
         return None
 

@@ -204,7 +204,7 @@ def test_startup_problems_are_one_line_and_exit_2(
 # --------------------------------------------------------------------- logging
 
 
-def test_one_info_line_per_session_with_peer_and_user_and_no_password(
+def test_log_lines_per_session_name_peer_user_and_never_a_password(
     served: tuple[Proc, int],
 ) -> None:
     proc, port = served
@@ -225,18 +225,25 @@ def test_one_info_line_per_session_with_peer_and_user_and_no_password(
         dropped_port = dropped.local_port
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not any(
-        f":{dropped_port}" in line for line in proc.stderr
+        f"rport={dropped_port}," in line and "Disconnected" in line for line in proc.stderr
     ):
         time.sleep(0.05)
     code, _ = stop(proc)
     assert code == 0
     log = proc.stderr
-    for client_port, user in ((ok_port, "alice"), (bad_port, None), (dropped_port, "bob")):
-        mine = [line for line in log if re.search(rf"\b127\.0\.0\.1:{client_port}\b", line)]
-        assert len(mine) == 1, (client_port, log)
-        assert " INFO " in mine[0]
-        if user is not None:
-            assert f"user={user}" in mine[0]
+    expected = {
+        ok_port: ["Login: user=<alice>, method=USER", "Logged out: user=<alice>, top=0/0, retr=1/"],
+        bad_port: ["Login failed (password mismatch): user=<bob>, method=USER",
+                   "Disconnected (auth failed, 1 attempts: Logged out): user=<bob>"],
+        dropped_port: ["Login: user=<bob>, method=USER", "Disconnected (Connection closed"],
+    }
+    for client_port, starts in expected.items():
+        mine = [line for line in log if f"rip=127.0.0.1, rport={client_port}," in line]
+        assert len(mine) == len(starts), (client_port, log)
+        for line, start in zip(mine, starts, strict=True):
+            assert " INFO " in line
+            assert start in line, (start, line)
+            assert re.search(r"session=<\d+-\d+>", line)
     everything = "\n".join(log + proc.stdout)
     for secret in (ALICE_PW, wrong, "bob-Secret-2"):
         assert secret not in everything
