@@ -217,8 +217,11 @@ _SCHEMES: dict[str, tuple[Callable[[bytes, str], bool], Callable[[str], bool], _
     "ARGON2ID": (_check_argon2, lambda v: v.startswith(_ARGON2_PREFIXES), _A2),
     "ARGON2I": (_check_argon2, lambda v: v.startswith(_ARGON2_PREFIXES), _A2),
 }
-_ALIASES = {"CLEAR": "PLAIN", "CLEARTEXT": "PLAIN"}
-_BARE = {"$6$": "SHA512-CRYPT", "$5$": "SHA256-CRYPT", "$2y$": "BLF-CRYPT", "$2b$": "BLF-CRYPT",
+#: Other names of schemes.
+SCHEME_ALIASES = _ALIASES = {"CLEAR": "PLAIN", "CLEARTEXT": "PLAIN"}
+#: The scheme of a bare hash (no ``{SCHEME}``) by its prefix.
+BARE_PREFIXES = _BARE = {
+         "$6$": "SHA512-CRYPT", "$5$": "SHA256-CRYPT", "$2y$": "BLF-CRYPT", "$2b$": "BLF-CRYPT",
          "$2a$": "BLF-CRYPT", "$argon2id$": "ARGON2ID", "$argon2i$": "ARGON2I"}  # fmt: skip
 
 
@@ -412,6 +415,15 @@ def dummy_for(scheme: str, params: str) -> Verifier:
         rounds = f"rounds={params}$" if params else ""
         return HashVerifier(scheme, f"{prefix}{rounds}{_FAKE_SALT}${(_FAKE_B64 * 2)[:width]}")
     return PlainVerifier(secrets.token_urlsafe(24))
+
+
+def cost_in_bounds(scheme: str, params: str) -> bool:
+    """Whether a ``hash_cost`` pair is within ``COST_BOUNDS`` (what a dummy may copy)."""
+    if scheme == "PLAIN":
+        return True
+    if scheme == "SCRAM-SHA-256" and (not params.isdigit() or len(params) > 10):
+        return False
+    return _cost_problem(scheme, dummy_for(scheme, params)) is None
 
 
 def _rank(scheme: str, params: str) -> int:

@@ -12,9 +12,14 @@ not asserted here.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +33,7 @@ from pop3proto.passwd import (
     hash_password,
     parse_secret,
 )
+from pop3proto.storage import StorageError
 
 # Looked up softly so that, before the bound existed, each test fails on its own.
 MAX_PASSWORD_OCTETS: int = getattr(pop3proto.auth, "MAX_PASSWORD_OCTETS", 1024)
@@ -237,3 +243,118 @@ def pg_cluster() -> Iterator[object]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+def pg_db(pg_cluster: Any) -> str:
+    from pop3proto.pgstore import migrate
+
+    conninfo: str = pg_cluster.createdb(f"hardening_{os.getpid()}_{next(_dbs)}")
+    migrate(conninfo)
+    return conninfo
+
+
+_dbs = itertools.count(1)
+
+
+def test_pg_decoys_and_plain_salts(pg_db: str) -> None:
+    from pop3proto.pgstore import PgAuthenticator, add_user
+
+    add_user(pg_db, "plain1", "{PLAIN}one")
+    add_user(pg_db, "plain2", "{PLAIN}two")
+    add_user(pg_db, "scram", "{SCRAM-SHA-256}" + SCRAM_5000)
+    add_user(pg_db, "scram2", "{SCRAM-SHA-256}" + SCRAM_5000)
+    add_user(pg_db, "scram3", "{SCRAM-SHA-256}" + SCRAM_5000)
+    with PgAuthenticator(pg_db, cache_ttl=0) as auth, PgAuthenticator(pg_db) as other:
+        assert auth.lookup("mallory") is None
+        decoy = auth.decoy_scram("mallory")
+        assert decoy == auth.decoy_scram("mallory") == other.decoy_scram("mallory")
+        assert decoy.salt != auth.decoy_scram("trudy").salt
+        assert decoy.iterations == 5000  # what most users have
+        assert len(decoy.salt) == 16
+        keys = []
+        for name in ("plain1", "plain2"):
+            found = auth.lookup(name)
+            assert found is not None
+            first = found[0].scram()
+            assert first is not None
+            assert len(first.salt) == 16
+            again = auth.lookup(name)
+            assert again is not None
+            assert again[0].scram() is first  # derived once per user, not per login
+            keys.append(first)
+        assert keys[0].salt != keys[1].salt
+        assert auth.decoy_scram("plain1").salt == keys[0].salt  # the same derivation
+
+
+def test_pg_dummy_is_the_dearest_within_bounds(pg_db: str) -> None:
+    from pop3proto.pgstore import PgAuthenticator, add_user
+
+    for i in range(3):
+        add_user(pg_db, f"scram{i}", "{SCRAM-SHA-256}" + SCRAM_5000)
+    add_user(pg_db, "sha", hash_password("pw", "SHA512-CRYPT", rounds=20000))
+    add_user(pg_db, "bare", hash_password("pw", "SHA256-CRYPT").removeprefix("{SHA256-CRYPT}"))
+    import psycopg
+
+    evil = "{SHA512-CRYPT}$6$rounds=999999999$salt$" + "a" * 86
+    with psycopg.connect(pg_db, autocommit=True) as conn:  # add_user refuses such a line
+        for name in ("evil1", "evil2", "evil3", "evil4"):  # lookup too: no model for a dummy
+            conn.execute("INSERT INTO users VALUES (%s, %s)", (name, evil))
+    with PgAuthenticator(pg_db) as auth:
+        assert auth.lookup("evil1") is None
+        dummy = auth.dummy_verifier()
+        assert isinstance(dummy, HashVerifier)
+        assert dummy.scheme == "SHA512-CRYPT"
+        assert dummy.hashed.startswith("$6$rounds=20000$")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_pg_lookup_raises_when_the_database_is_down() -> None:
+    pytest.importorskip("psycopg_pool")
+    from pop3proto.pgstore import PgAuthenticator
+
+    dead = f"host=127.0.0.1 port={free_port()} dbname=x user=x connect_timeout=2"
+    with PgAuthenticator(dead, timeout=0.5, min_size=0) as auth:
+        with pytest.raises(StorageError):
+            auth.lookup("alice")
+        with pytest.raises(StorageError):
+            auth.exists("alice")
+        # The summary never raises: the defaults stand in.
+        assert not auth.has_cleartext
+        assert not auth.has_scram
+        assert isinstance(auth.dummy_verifier(), HashVerifier)
+        assert auth.decoy_scram("alice") == auth.decoy_scram("alice")
+
+
+def test_pg_summary_does_not_wait_for_a_hung_database() -> None:
+    """A server that accepts TCP and never answers: the flags answer, lookup raises."""
+    pytest.importorskip("psycopg_pool")
+    from pop3proto.pgstore import PgAuthenticator
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)  # connections complete in the backlog; nothing is ever read
+        conninfo = f"host=127.0.0.1 port={hung.getsockname()[1]} dbname=x connect_timeout=3"
+        auth = PgAuthenticator(conninfo, timeout=30, min_size=0)
+        try:
+            answers: list[object] = []
+
+            def ask() -> None:
+                answers.extend([auth.has_cleartext, auth.has_scram, auth.dummy_verifier(),
+                                auth.decoy_scram("x")])  # fmt: skip
+
+            asker = threading.Thread(target=ask, daemon=True)
+            asker.start()
+            # Not a speed measurement: the pool waits 30 s for a connection, the
+            # summary answers from its defaults (after at most refresh_wait).
+            asker.join(timeout=10)
+            assert not asker.is_alive()
+            assert answers[:2] == [False, False]
+        finally:
+            hung.close()
+            auth.close()
