@@ -9,18 +9,33 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol, runtime_checkable
 
 __all__ = [
+    "MAX_PASSWORD_OCTETS",
     "PlainVerifier",
     "ScramSecret",
     "Verifier",
     "apop_digest",
     "cram_md5_digest",
+    "decoy_scram",
+    "derived_scram_salt",
     "make_apop_timestamp",
+    "password_too_long",
     "verify_apop",
 ]
+
+
+#: The longest password, in octets after UTF-8 encoding, that any verifier checks.  A
+#: longer one fails at once, for known and unknown users alike, so it tells nothing
+#: and cannot make a password hash (whose cost grows with the length) run long.
+MAX_PASSWORD_OCTETS = 1024
+
+
+def password_too_long(password: str) -> bool:
+    """Whether *password* is longer than ``MAX_PASSWORD_OCTETS`` (so no verifier checks it)."""
+    return len(password) > MAX_PASSWORD_OCTETS or len(_secret_bytes(password)) > MAX_PASSWORD_OCTETS
 
 
 def _secret_bytes(secret: str) -> bytes:
@@ -82,6 +97,37 @@ class ScramSecret:
         )
 
 
+def _keyed(server_secret: bytes, label: bytes, name: str) -> bytes:
+    return hmac.new(server_secret, label + b"\0" + _secret_bytes(name), hashlib.sha256).digest()
+
+
+def derived_scram_salt(server_secret: bytes, name: str) -> bytes:
+    """The 16-byte SCRAM salt of *name* derived from a server secret (HMAC-SHA-256).
+
+    Used both for users whose SCRAM keys are derived from a cleartext
+    password and for the decoys of unknown users, so the two cannot be told
+    apart, and both look like the random 16-byte salts of stored SCRAM keys.
+    """
+    return _keyed(server_secret, b"pop3proto scram salt", name)[:16]
+
+
+def decoy_scram(server_secret: bytes, name: str, iterations: int) -> ScramSecret:
+    """Deterministic SCRAM-SHA-256 keys for an unknown user *name*, cheap to make.
+
+    The salt is ``derived_scram_salt``; the stored and server keys are
+    further HMACs of the name, so they look random and match no password
+    (finding them is inverting HMAC-SHA-256).  The same name always gets the
+    same decoy, so repeating an exchange reveals nothing; *iterations*
+    should be what real users of the source typically have.
+    """
+    return ScramSecret(
+        salt=derived_scram_salt(server_secret, name),
+        iterations=iterations,
+        stored_key=_keyed(server_secret, b"pop3proto decoy stored key", name),
+        server_key=_keyed(server_secret, b"pop3proto decoy server key", name),
+    )
+
+
 @runtime_checkable
 class Verifier(Protocol):
     """What an authenticator's ``lookup`` returns: checks a password without revealing it.
@@ -93,7 +139,10 @@ class Verifier(Protocol):
     """
 
     def verify(self, password: str) -> bool:
-        """Whether *password* is right.  May be slow (a password hash)."""
+        """Whether *password* is right.  May be slow (a password hash).
+
+        False at once for a password longer than ``MAX_PASSWORD_OCTETS``.
+        """
 
     def cleartext(self) -> str | None:
         """The secret in clear, or None."""
@@ -104,7 +153,12 @@ class Verifier(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class PlainVerifier:
-    """A verifier over a cleartext secret (``{PLAIN}`` entries, tests, examples)."""
+    """A verifier over a cleartext secret (``{PLAIN}`` entries, tests, examples).
+
+    The SCRAM keys are derived once, on the first ``scram()`` call, and kept:
+    PBKDF2 then costs only the first exchange of each user.  Authenticators
+    give each user its own ``scram_salt`` (``derived_scram_salt``).
+    """
 
     #: A comparison, no hashing: safe to run on an event loop.
     nonblocking: ClassVar[bool] = True
@@ -112,9 +166,12 @@ class PlainVerifier:
     secret: str
     scram_salt: bytes = b"pop3proto-plain"
     scram_iterations: int = 4096
+    _scram: list[ScramSecret] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def verify(self, password: str) -> bool:
         """Constant-time comparison with the stored secret."""
+        if password_too_long(password):
+            return False
         return hmac.compare_digest(_secret_bytes(self.secret), _secret_bytes(password))
 
     def cleartext(self) -> str | None:
@@ -122,5 +179,9 @@ class PlainVerifier:
         return self.secret
 
     def scram(self) -> ScramSecret | None:
-        """SCRAM keys derived from the secret with a fixed salt."""
-        return ScramSecret.from_password(self.secret, self.scram_salt, self.scram_iterations)
+        """SCRAM keys derived from the secret with ``scram_salt`` (computed once)."""
+        if not self._scram:  # two threads may both derive it: the same value
+            self._scram.append(
+                ScramSecret.from_password(self.secret, self.scram_salt, self.scram_iterations)
+            )
+        return self._scram[0]

@@ -139,6 +139,9 @@ class Services(Protocol):
     def log_event(self, level: int, fields: dict[str, Any]) -> None:
         """Log one session event (``fields["event"]`` says which; see ``pop3proto.ops.logfmt``)."""
 
+    def decoy_scram(self, name: str) -> Any:
+        """A SCRAM secret for an unknown *name*: the same for the same name, cheap."""
+
     def nonce(self) -> str:
         """A fresh random token (APOP timestamps, SASL nonces)."""
 

@@ -19,6 +19,15 @@ Theory of operation:
   those libraries stay optional (the ``hashes`` extra).
 * The file is re-read when its (mtime_ns, size, inode) changes, checked on
   every call.  A file that cannot be read leaves the last good table in place.
+* Cost parameters are bounded both ways (``COST_BOUNDS``): an entry that is
+  too cheap to resist guessing, or so expensive that one login would stall
+  the server, is refused like a malformed one.  Passwords longer than
+  ``auth.MAX_PASSWORD_OCTETS`` fail at once in every verifier.
+* Unknown users must look like real ones.  ``dummy_verifier`` costs what a
+  real user of the table's most expensive scheme and cost costs, and
+  ``decoy_scram(name)`` gives SCRAM keys whose salt is derived from a server
+  secret and the name, exactly as the salts of ``{PLAIN}`` users are, with
+  the iteration count most real users have.
 """
 
 from __future__ import annotations
@@ -34,25 +43,37 @@ import os
 import re
 import secrets
 import threading
+import time
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .auth import PlainVerifier, ScramSecret, Verifier
+from .auth import (
+    PlainVerifier,
+    ScramSecret,
+    Verifier,
+    decoy_scram,
+    derived_scram_salt,
+    password_too_long,
+)
 from .storage import nonblocking
 
 __all__ = [
+    "COST_BOUNDS",
     "DictAuthenticator",
     "HASH_SCHEMES",
     "HashVerifier",
     "PasswdFile",
     "ScramVerifier",
+    "dearest_dummy",
+    "default_secret",
     "dummy_for",
     "hash_cost",
     "hash_password",
     "parse_secret",
     "sha_crypt",
+    "typical_scram_iterations",
     "user_name_problem",
 ]
 
@@ -196,8 +217,11 @@ _SCHEMES: dict[str, tuple[Callable[[bytes, str], bool], Callable[[str], bool], _
     "ARGON2ID": (_check_argon2, lambda v: v.startswith(_ARGON2_PREFIXES), _A2),
     "ARGON2I": (_check_argon2, lambda v: v.startswith(_ARGON2_PREFIXES), _A2),
 }
-_ALIASES = {"CLEAR": "PLAIN", "CLEARTEXT": "PLAIN"}
-_BARE = {"$6$": "SHA512-CRYPT", "$5$": "SHA256-CRYPT", "$2y$": "BLF-CRYPT", "$2b$": "BLF-CRYPT",
+#: Other names of schemes.
+SCHEME_ALIASES = _ALIASES = {"CLEAR": "PLAIN", "CLEARTEXT": "PLAIN"}
+#: The scheme of a bare hash (no ``{SCHEME}``) by its prefix.
+BARE_PREFIXES = _BARE = {
+         "$6$": "SHA512-CRYPT", "$5$": "SHA256-CRYPT", "$2y$": "BLF-CRYPT", "$2b$": "BLF-CRYPT",
          "$2a$": "BLF-CRYPT", "$argon2id$": "ARGON2ID", "$argon2i$": "ARGON2I"}  # fmt: skip
 
 
@@ -225,7 +249,10 @@ class HashVerifier(_NoSecrets):
 
     def verify(self, password: str) -> bool:
         """Whether *password* matches, in constant time.  False for a malformed hash or
-        when the scheme's library (bcrypt, argon2-cffi) is not installed."""
+        when the scheme's library (bcrypt, argon2-cffi) is not installed, and at
+        once for a password longer than ``MAX_PASSWORD_OCTETS``."""
+        if password_too_long(password):
+            return False
         return _SCHEMES[self.scheme][0](_b(password), self.hashed)
 
 
@@ -238,6 +265,8 @@ class ScramVerifier(_NoSecrets):
     def verify(self, password: str) -> bool:
         """Derive the stored key from *password* and compare it in constant time."""
         s = self.secret
+        if password_too_long(password):
+            return False
         try:
             derived = ScramSecret.from_password(password, s.salt, s.iterations)
         except UnicodeEncodeError:
@@ -258,10 +287,49 @@ def _parse_scram(value: str) -> ScramSecret | None:
         salt, stored, server = (base64.b64decode(p, validate=True) for p in parts[1:])
     except (binascii.Error, ValueError):
         return None
-    iterations = int(parts[0])
-    if not 0 < iterations <= 10**7 or not salt or len(stored) != 32 or len(server) != 32:
+    iterations = int(parts[0]) if len(parts[0]) <= 10 else 0
+    if not iterations or not salt or len(stored) != 32 or len(server) != 32:
         return None
     return ScramSecret(salt=salt, iterations=iterations, stored_key=stored, server_key=server)
+
+
+#: The accepted range of each scheme's cost parameter: SCRAM iterations,
+#: SHA-crypt rounds (when the hash names them; the default is 5000), bcrypt's
+#: cost, Argon2's time cost (passes) and memory (KiB).  Below it an entry is
+#: too cheap to resist guessing; above it one login would hold a worker for
+#: seconds (pure-Python SHA-crypt: about 1.8 s per million rounds).  Entries
+#: outside are refused with a warning naming the line.
+COST_BOUNDS: dict[str, tuple[int, int]] = {
+    "SCRAM-SHA-256": (4096, 1_000_000),  # RFC 7677: at least 4096
+    "SHA-CRYPT": (1000, 1_000_000),  # Drepper: below 1000 means 1000
+    "BLF-CRYPT": (4, 16),  # 2**16 expansions: seconds
+    "ARGON2-T": (1, 64),
+    "ARGON2-M": (8, 1 << 20),  # 1 GiB
+}
+_ARGON2_PARAMS = re.compile(r"\$argon2i?d?\$(?:v=[0-9]+\$)?m=([0-9]{1,10}),t=([0-9]{1,10}),p=")
+
+
+def _cost_problem(canon: str, v: Verifier) -> str | None:
+    """Why the cost of an entry is out of ``COST_BOUNDS``, or None."""
+    checks: list[tuple[str, str, int]] = []
+    if isinstance(v, ScramVerifier):
+        checks.append(("SCRAM-SHA-256", "iteration count", v.secret.iterations))
+    elif isinstance(v, HashVerifier) and canon.endswith("-CRYPT") and canon != "BLF-CRYPT":
+        rounds = (_parse_setting(v.hashed) or ("", None))[1]
+        if rounds is not None:
+            checks.append(("SHA-CRYPT", "rounds", rounds))
+    elif isinstance(v, HashVerifier) and canon == "BLF-CRYPT":
+        checks.append(("BLF-CRYPT", "cost", int(v.hashed[4:6])))
+    elif isinstance(v, HashVerifier):
+        m = _ARGON2_PARAMS.match(v.hashed)
+        if m is not None:
+            checks.append(("ARGON2-M", "memory (KiB)", int(m[1])))
+            checks.append(("ARGON2-T", "time cost", int(m[2])))
+    for key, what, value in checks:
+        low, high = COST_BOUNDS[key]
+        if not low <= value <= high:
+            return f"{{{canon}}} {what} {value} is outside {low}..{high}"
+    return None
 
 
 def parse_secret(secret: str, *, bare_is_plain: bool) -> Verifier | str:
@@ -280,11 +348,16 @@ def parse_secret(secret: str, *, bare_is_plain: bool) -> Verifier | str:
         return PlainVerifier(value) if value else "empty password"
     if canon == "SCRAM-SHA-256":
         keys = _parse_scram(value)
-        return f"malformed {{{scheme}}} value" if keys is None else ScramVerifier(keys)
-    if canon not in _SCHEMES:
+        if keys is None:
+            return f"malformed {{{scheme}}} value"
+        verifier: Verifier = ScramVerifier(keys)
+    elif canon not in _SCHEMES:
         return f"unknown scheme {{{scheme}}}"
-    well_formed = _SCHEMES[canon][1](value)
-    return HashVerifier(canon, value) if well_formed else f"malformed {{{scheme}}} hash"
+    elif not _SCHEMES[canon][1](value):
+        return f"malformed {{{scheme}}} hash"
+    else:
+        verifier = HashVerifier(canon, value)
+    return _cost_problem(canon, verifier) or verifier
 
 
 def user_name_problem(name: str) -> str | None:
@@ -344,17 +417,88 @@ def dummy_for(scheme: str, params: str) -> Verifier:
     return PlainVerifier(secrets.token_urlsafe(24))
 
 
+def cost_in_bounds(scheme: str, params: str) -> bool:
+    """Whether a ``hash_cost`` pair is within ``COST_BOUNDS`` (what a dummy may copy)."""
+    if scheme == "PLAIN":
+        return True
+    if scheme == "SCRAM-SHA-256" and (not params.isdigit() or len(params) > 10):
+        return False
+    return _cost_problem(scheme, dummy_for(scheme, params)) is None
+
+
+def _rank(scheme: str, params: str) -> int:
+    """How costly (scheme, params) is within its scheme: what is compared to find the dearest."""
+    if scheme.startswith("ARGON2"):
+        m = _ARGON2_PARAMS.match(params)
+        return 0 if m is None else int(m[1]) * int(m[2])
+    if scheme.endswith("-CRYPT") and not params:
+        return 5000  # SHA-crypt's default rounds
+    return int(params) if params.isdigit() else 0
+
+
+def _seconds(v: Verifier) -> float:
+    """The fastest of a few timed checks of a typical 16-character password by *v*."""
+    best = float("inf")
+    spent = 0.0
+    for _ in range(5):
+        start = time.perf_counter()
+        v.verify("not-the-password")
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+        if spent > 0.05:
+            break
+    return best
+
+
+def dearest_dummy(costs: Iterable[tuple[str, str]]) -> Verifier:
+    """A dummy (``dummy_for``) that costs what the most expensive of *costs* does.
+
+    *costs* are ``hash_cost`` pairs.  Within a scheme the largest parameter
+    wins (SCRAM iterations, SHA-crypt rounds, bcrypt cost, Argon2 memory x
+    passes); between schemes, whose costs cannot be compared on paper, each
+    candidate is timed once here and the slowest kept.  SHA512-CRYPT with
+    5000 rounds when *costs* is empty.
+    """
+    top: dict[str, str] = {}
+    for scheme, params in costs:
+        if scheme not in top or _rank(scheme, params) > _rank(scheme, top[scheme]):
+            top[scheme] = params
+    candidates = [dummy_for(scheme, params) for scheme, params in sorted(top.items())]
+    if not candidates:
+        return dummy_for("SHA512-CRYPT", "")
+    if len(candidates) == 1:
+        return candidates[0]
+    return max(candidates, key=_seconds)
+
+
+def typical_scram_iterations(verifiers: Iterable[Verifier]) -> int:
+    """The SCRAM iteration count most entries that can answer SCRAM have (4096 if none)."""
+    counts = Counter(
+        v.secret.iterations if isinstance(v, ScramVerifier) else v.scram_iterations
+        for v in verifiers
+        if isinstance(v, (ScramVerifier, PlainVerifier))
+    )
+    return counts.most_common(1)[0][0] if counts else 4096
+
+
+def default_secret(seed: bytes) -> bytes:
+    """A server secret derived from *seed* (the source's contents): see ``PasswdFile``."""
+    return hashlib.sha256(b"pop3proto server secret\0" + seed).digest()
+
+
 # --- authenticators -------------------------------------------------------------------
 
 
 class _Users:
     """The user table and the Authenticator methods both authenticators share."""
 
-    def __init__(self, source: str, logger: logging.Logger | None) -> None:
+    def __init__(self, source: str, logger: logging.Logger | None, secret: bytes | None) -> None:
         self._source = source
         self._log = logger or _log
+        self._secret = secret  # None until the first load derives the default
         self._users: dict[str, Verifier] = {}
         self._dummy: Verifier | None = None
+        self._scram_iterations = 4096
         self._has_cleartext = False
         self._has_scram = False
         #: What was wrong in the last load: one ``"where: problem"`` per bad entry.
@@ -363,8 +507,16 @@ class _Users:
     def _refresh(self) -> None:
         """Bring the table up to date (PasswdFile re-reads its file)."""
 
-    def _install(self, rows: Iterable[tuple[str, str, str]], *, bare_is_plain: bool) -> None:
-        """Build a table from (where, user, password field) rows and swap it in."""
+    def _install(
+        self, rows: Iterable[tuple[str, str, str]], *, bare_is_plain: bool, seed: bytes
+    ) -> None:
+        """Build a table from (where, user, password field) rows and swap it in.
+
+        *seed* (the source's contents) gives the server secret if none was
+        given and this is the first load; it is then kept for good.
+        """
+        if self._secret is None:
+            self._secret = default_secret(seed)
         users: dict[str, Verifier] = {}
         first: dict[str, str] = {}
         errors: list[str] = []
@@ -378,6 +530,8 @@ class _Users:
             if problem is None and isinstance(parsed, str):
                 problem = parsed
             elif problem is None and not isinstance(parsed, str):
+                if isinstance(parsed, PlainVerifier):  # its own salt, as a decoy has
+                    parsed = PlainVerifier(parsed.secret, derived_scram_salt(self._secret, user))
                 users[user], first[user] = parsed, where
                 continue
             errors.append(f"{where}: {problem}")
@@ -389,6 +543,7 @@ class _Users:
                 self._log.error("%s: %d {%s} entries can never log in: %s is not installed",
                                 self._source, count, scheme, library[1])  # fmt: skip
         self._users, self.errors, self._dummy = users, errors, None
+        self._scram_iterations = typical_scram_iterations(users.values())
         self._has_cleartext = any(v.cleartext() is not None for v in users.values())
         self._has_scram = any(
             isinstance(v, (ScramVerifier, PlainVerifier)) for v in users.values()
@@ -420,27 +575,35 @@ class _Users:
         return None if verifier is None else (verifier, name)
 
     def dummy_verifier(self) -> Verifier:
-        """A verifier that costs what a real one does, for unknown users.
+        """A verifier that costs what a real one of the dearest kind does, for unknown users.
 
         When ``lookup`` returns None, the facade should still call
         ``dummy_verifier().verify(password)`` and ignore the answer, so that a
         client cannot tell unknown users from wrong passwords by how long the
-        reply takes.  The dummy has the scheme most entries use, with that
-        scheme's most common cost (SHA-crypt rounds, bcrypt cost, Argon2
+        reply takes.  The dummy has the most expensive scheme and cost in the
+        table (``dearest_dummy``: SHA-crypt rounds, bcrypt cost, Argon2
         parameters, SCRAM iterations), over a fixed hash of no known password
-        (a random secret for ``{PLAIN}``), so it matches no password.  An
-        empty table gives a SHA512-CRYPT dummy with the default 5000 rounds.
+        (a random secret for ``{PLAIN}``), so it matches no password.  It is
+        chosen (timing the candidate schemes once) on the first call after a
+        load.  An empty table gives a SHA512-CRYPT dummy with 5000 rounds.
         """
         self._refresh()
-        if self._dummy is None:
-            costs = Counter(hash_cost(v) for v in self._users.values())
-            schemes: Counter[str] = Counter()
-            for (scheme, _), n in costs.items():
-                schemes[scheme] += n
-            top = schemes.most_common(1)[0][0] if schemes else "SHA512-CRYPT"
-            params = [p for (s, p), _ in costs.most_common() if s == top]
-            self._dummy = dummy_for(top, params[0] if params else "")
-        return self._dummy
+        dummy = self._dummy
+        if dummy is None:
+            dummy = dearest_dummy({hash_cost(v) for v in self._users.values()})
+            self._dummy = dummy
+        return dummy
+
+    def decoy_scram(self, name: str) -> ScramSecret:
+        """SCRAM-SHA-256 keys for *name*, an unknown user: answer the exchange with these.
+
+        Cheap (three HMACs) and the same for the same name every time.  The
+        salt is derived from the server secret and the name exactly as a
+        ``{PLAIN}`` user's is; the iteration count is the one most entries
+        that can answer SCRAM have (4096 if none).  They match no password.
+        """
+        assert self._secret is not None  # set by the first load
+        return decoy_scram(self._secret, name, self._scram_iterations)
 
 
 class DictAuthenticator(_Users):
@@ -450,10 +613,19 @@ class DictAuthenticator(_Users):
     listed in ``errors`` as ``users['name']: problem``.
     """
 
-    def __init__(self, users: Mapping[str, str], *, logger: logging.Logger | None = None) -> None:
-        super().__init__("DictAuthenticator", logger)
-        rows = ((f"users[{user!r}]", user, secret) for user, secret in users.items())
-        self._install(rows, bare_is_plain=True)
+    def __init__(
+        self,
+        users: Mapping[str, str],
+        *,
+        secret: bytes | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        super().__init__("DictAuthenticator", logger, secret)
+        rows = [(f"users[{user!r}]", user, secret) for user, secret in users.items()]
+        seed = "\n".join(f"{user}:{field}" for _, user, field in sorted(rows)).encode(
+            "utf-8", "surrogatepass"
+        )
+        self._install(rows, bare_is_plain=True, seed=seed)
 
 
 class PasswdFile(_Users):
@@ -462,7 +634,23 @@ class PasswdFile(_Users):
     Args:
         path: the file.  It is read at once and raises OSError if it cannot
             be.  Messages name lines ``path:number``, with *path* as given.
+        secret: the server secret (any bytes, 32 random ones are plenty) from
+            which the SCRAM salts of ``{PLAIN}`` users and of the decoys for
+            unknown users are derived.  Default: a hash of the file's
+            contents at the first load, kept for the life of the object.
         logger: where load problems go; default ``logging.getLogger("pop3proto.passwd")``.
+
+    The default secret is stable across restarts and across workers that read
+    the same file, and unknown to clients (the file holds password hashes or
+    passwords).  But it changes when the file is edited and the server is
+    restarted: every derived salt (of ``{PLAIN}`` users and of unknown names)
+    changes then while the salts of stored ``{SCRAM-SHA-256}`` keys do not,
+    so a client that watched a name before and after learns which kind it
+    is.  Pass ``secret`` (read from a file of its own) where that matters.  A
+    random secret per process would be worse: every restart and every worker
+    would give unknown names new salts.
+
+    A UTF-8 byte order mark before the first line is ignored, with a warning.
 
     Every ``exists``/``lookup``/``dummy_verifier`` call stats the file and
     re-reads it if its (mtime_ns, size, inode) changed.  If it cannot be
@@ -471,10 +659,14 @@ class PasswdFile(_Users):
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, logger: logging.Logger | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        secret: bytes | None = None,
+        logger: logging.Logger | None = None,
     ) -> None:
         self.path = os.fspath(path)
-        super().__init__(self.path, logger)
+        super().__init__(self.path, logger, secret)
         self._key: tuple[int, int, int] | None = None
         self._failing = False
         self._lock = threading.Lock()
@@ -505,14 +697,18 @@ class PasswdFile(_Users):
             key = (st.st_mtime_ns, st.st_size, st.st_ino)
             if key == self._key:  # another thread has just loaded it
                 return
-            text = f.read().decode("utf-8", "surrogateescape")
+            raw = f.read()
+        text = raw.decode("utf-8", "surrogateescape")
+        if text.startswith("\ufeff"):  # an editor's byte order mark is no part of a name
+            text = text[1:]
+            self._log.warning("%s:1: UTF-8 byte order mark ignored", self.path)
         rows = []
         for number, line in enumerate(text.split("\n"), 1):
             line = line.removesuffix("\r")
             if line.strip() and not line.lstrip().startswith("#"):
                 user, _, rest = line.partition(":")
                 rows.append((f"{self.path}:{number}", user, rest.partition(":")[0]))
-        self._install(rows, bare_is_plain=False)
+        self._install(rows, bare_is_plain=False, seed=raw)
         self._key = key
         if self._failing:
             self._failing = False
@@ -539,13 +735,20 @@ def hash_password(password: str, scheme: str = "SHA512-CRYPT", *, rounds: int | 
 
     Raises:
         ValueError: an unknown scheme, rounds for PLAIN, a PLAIN password a
-            passwd-file cannot hold (``:`` or a line break), or rounds the
-            library refuses.
+            passwd-file cannot hold (``:`` or a line break), or rounds
+            outside ``COST_BOUNDS`` (which a passwd-file would refuse).
         RuntimeError: the scheme needs bcrypt or argon2-cffi, which is not installed.
     """
     name = scheme.upper()
     if name not in HASH_SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; choose from {', '.join(HASH_SCHEMES)}")
+    bounds = {"SCRAM-SHA-256": "SCRAM-SHA-256", "BLF-CRYPT": "BLF-CRYPT",
+              "ARGON2ID": "ARGON2-T", "ARGON2I": "ARGON2-T",
+              "SHA512-CRYPT": "SHA-CRYPT", "SHA256-CRYPT": "SHA-CRYPT"}  # fmt: skip
+    if rounds is not None and name in bounds:
+        low, high = COST_BOUNDS[bounds[name]]
+        if not low <= rounds <= high:
+            raise ValueError(f"rounds for {name} must be in {low}..{high}, not {rounds}")
     if name == "PLAIN":
         if rounds is not None or any(c in password for c in ":\r\n"):
             raise ValueError("PLAIN takes no rounds, and no ':' or line break in the password")

@@ -55,6 +55,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import secrets
 import tempfile
 import threading
@@ -70,12 +71,21 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ._maildrop import MessageInfo
 from ._writers import WireSizer, wire_size
-from .auth import Verifier
+from .auth import PlainVerifier, ScramSecret, Verifier, decoy_scram, derived_scram_salt
 from .maildir import MaildirStorage, MessageTooBig, valid_mailbox_name
 
 # Private, but the one parser of "{SCHEME}..." fields: the users table holds
 # exactly what a passwd-file does, so it must accept exactly the same.
-from .passwd import dummy_for, hash_cost, parse_secret, user_name_problem
+from .passwd import (
+    BARE_PREFIXES,
+    SCHEME_ALIASES,
+    cost_in_bounds,
+    dearest_dummy,
+    default_secret,
+    dummy_for,
+    parse_secret,
+    user_name_problem,
+)
 from .storage import MailboxRefused, MessageGone, StorageError
 
 if TYPE_CHECKING:
@@ -565,23 +575,86 @@ class PgStore:
 # -- authentication --------------------------------------------------------------------
 
 
+#: The cost part of a password field (everything before the salt), grouped by in SQL.
+_COST_KEY = (
+    r"^((?:\{[^}]*\})?(?:\$[0-9a-zA-Z]+\$(?:rounds=[0-9]+\$|v=[0-9]+\$m=[0-9]+,t=[0-9]+,"
+    r"p=[0-9]+|[0-9]{2}\$)?|[0-9]+,)?).*$"
+)
+_COST_QUERY = (
+    "SELECT k, count(*) FROM (SELECT regexp_replace(password, %s, '\\1') AS k FROM users) t"
+    " GROUP BY k ORDER BY count(*) DESC LIMIT 1000"
+)
+_SHA_ROUNDS = re.compile(r"\$[56]\$(?:rounds=([0-9]{1,10})\$)?")
+
+
+def _cost_of_key(key: str) -> tuple[str, str] | None:
+    """(scheme, params) as ``hash_cost`` gives them, from a ``_COST_KEY`` prefix, or None."""
+    scheme, value = "", key
+    if key.startswith("{"):
+        scheme, _, value = key[1:].partition("}")
+    else:
+        scheme = next((s for p, s in BARE_PREFIXES.items() if key.startswith(p)), "")
+    canon = SCHEME_ALIASES.get(scheme.upper(), scheme.upper())
+    if canon == "PLAIN":
+        return "PLAIN", ""
+    if canon == "SCRAM-SHA-256":
+        digits = value.rstrip(",")
+        return (canon, digits) if digits.isdigit() and len(digits) <= 10 else None
+    if canon in ("SHA512-CRYPT", "SHA256-CRYPT"):
+        m = _SHA_ROUNDS.match(value)
+        return None if m is None else (canon, m[1] or "")
+    if canon == "BLF-CRYPT":
+        return (canon, value[4:6]) if value[4:6].isdigit() else None
+    if canon in ("ARGON2ID", "ARGON2I") and value.startswith(("$argon2id$", "$argon2i$")):
+        return canon, value.rstrip("$")
+    return None
+
+
+@dataclass(frozen=True)
+class _Summary:
+    """What PgAuthenticator reads from the whole users table, refreshed in the background."""
+
+    at: float  # time.monotonic() of the read
+    has_cleartext: bool = False
+    has_scram: bool = False
+    dummy: Verifier = field(default_factory=lambda: dummy_for("SHA512-CRYPT", ""))
+    scram_iterations: int = 4096
+
+
 class PgAuthenticator:
     """``Authenticator`` over the ``users`` table; the mailbox reference is the user name.
 
     ``password`` holds a passwd-file password field (``{SHA512-CRYPT}$6$...``,
     ``{BLF-CRYPT}``, ``{ARGON2ID}``, ``{SCRAM-SHA-256}``, ``{PLAIN}``...), read
-    by passwd.py's parser, so the schemes and their rules are the same: a bare
-    recognised hash is accepted, anything else without ``{SCHEME}`` is not.
-    Every ``lookup`` reads the row, so changes apply at the next login.  A bad
-    entry is logged and that user cannot log in.
+    by passwd.py's parser, so the schemes and their rules (cost bounds
+    included) are the same: a bare recognised hash is accepted, anything else
+    without ``{SCHEME}`` is not.  Every ``lookup`` reads the row, so changes
+    apply at the next login.  A bad entry is logged and that user cannot log in.
+
+    ``lookup`` raises ``StorageError`` when the database or the pool fails:
+    that is no unknown user.  ``has_cleartext``, ``has_scram``,
+    ``dummy_verifier`` and ``decoy_scram`` never raise and never wait long:
+    they answer from a summary of the whole table (which schemes, the
+    dearest cost, the usual SCRAM iteration count) that one background
+    thread re-reads every ``cache_ttl`` seconds.  A caller that finds it
+    stale starts that re-read and waits for it at most ``refresh_wait``
+    seconds; a slow or dead database leaves the last good summary in use
+    (before the first: no cleartext, no SCRAM, a SHA512-CRYPT dummy).
 
     Args:
         conninfo: a libpq connection string or a ``ConnectionPool`` to share
             (for instance ``store.pool``, sized then for the sessions plus the
             logins in progress; it is not closed by ``close``).
         min_size, max_size, timeout: the pool made for a conninfo string.
-        cache_ttl: seconds ``has_cleartext``, ``has_scram`` and
-            ``dummy_verifier`` reuse what they read from the whole table.
+        cache_ttl: seconds the table summary is reused.
+        refresh_wait: the longest a caller waits for a re-read of the summary.
+        secret: the server secret the SCRAM salts of ``{PLAIN}`` users and of
+            decoys are derived from.  Every front end of one database must
+            have the same one.  Default: a hash of the connection string
+            (the pool's, when one is given), the same for front ends
+            configured alike and unknown to clients only if it holds a
+            password: without one (peer or trust authentication), pass a
+            random secret shared by the front ends.
         logger: where bad entries and database failures go.
     """
 
@@ -593,6 +666,8 @@ class PgAuthenticator:
         max_size: int = 4,
         timeout: float = 10.0,
         cache_ttl: float = 60.0,
+        refresh_wait: float = 0.25,
+        secret: bytes | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         if isinstance(conninfo, str):
@@ -602,10 +677,18 @@ class PgAuthenticator:
             self.pool, self._own_pool = conninfo, False
         self.timeout = timeout
         self.cache_ttl = cache_ttl
+        self.refresh_wait = refresh_wait
+        if secret is None:
+            info = self.pool.conninfo  # a function in newer pools: not called (it may do I/O)
+            seed = info if isinstance(info, str) else f"pool {self.pool.name}"
+            secret = default_secret(b"postgresql\0" + seed.encode("utf-8", "surrogatepass"))
+        self._secret = secret
         self._log = logger if logger is not None else _log
         self._lock = threading.Lock()
-        self._flags: tuple[float, bool, bool] | None = None
-        self._dummy: tuple[float, Verifier] | None = None
+        self._summary = _Summary(at=-float("inf"))
+        self._refreshing: threading.Event | None = None  # set when the running re-read ends
+        self._plain: dict[tuple[str, str], Verifier] = {}  # (name, field) -> cached verifier
+        self._fresh()  # start the first read now, so that it is there for the first login
 
     def _query(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         for attempt in range(1, _ATTEMPTS + 1):
@@ -622,87 +705,120 @@ class PgAuthenticator:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def exists(self, name: str) -> bool:
-        """Whether *name* is a user with a usable entry."""
+        """Whether *name* is a user with a usable entry (raises ``StorageError`` as ``lookup``)."""
         return self.lookup(name) is not None
 
     def lookup(self, name: str) -> tuple[Verifier, str] | None:
         """(verifier, mailbox = the user name) for *name*, or None if unknown or unusable.
 
         Raises:
-            StorageError: the database cannot be reached (the facade fails the login).
+            StorageError: the database or the pool failed (no connection
+                within ``timeout``, a dropped connection, a failed query):
+                the facade answers ``-ERR [SYS/TEMP]`` and counts no failure.
         """
         if user_name_problem(name) is not None:
             return None
         rows = self._query("SELECT password FROM users WHERE name = %s", (name,))
         if not rows:
             return None
-        parsed = parse_secret(rows[0][0], bare_is_plain=False)
+        secret: str = rows[0][0]
+        parsed = parse_secret(secret, bare_is_plain=False)
         if isinstance(parsed, str):
             self._log.warning("users table, user %r: %s", name, parsed)
             return None
+        if isinstance(parsed, PlainVerifier):  # a salt of its own, its keys derived once
+            with self._lock:
+                cached = self._plain.get((name, secret))
+                if cached is None:
+                    if len(self._plain) >= 10_000:
+                        self._plain.clear()
+                    salt = derived_scram_salt(self._secret, name)
+                    cached = self._plain[(name, secret)] = PlainVerifier(parsed.secret, salt)
+            parsed = cached
         return parsed, name
 
-    def _read_flags(self) -> tuple[bool, bool]:
-        now = time.monotonic()
+    # -- the table summary -----------------------------------------------------------
+
+    def _fresh(self) -> _Summary:
+        """The summary, after starting a re-read if it is stale and waiting a little for it."""
+        summary = self._summary
+        if time.monotonic() - summary.at < self.cache_ttl:
+            return summary
         with self._lock:
-            cached = self._flags
-        if cached is not None and now - cached[0] < self.cache_ttl:
-            return cached[1], cached[2]
+            done = self._refreshing
+            started = done is None
+            if done is None:
+                done = self._refreshing = threading.Event()
+        if started:
+            try:
+                threading.Thread(target=self._refresh, args=(done,), daemon=True,
+                                 name="pop3proto-auth-summary").start()  # fmt: skip
+            except RuntimeError as e:  # no thread to be had (a task limit): keep the old one
+                self._log.warning("cannot re-read the users table summary: %s", e)
+                with self._lock:
+                    self._refreshing = None
+                return summary
+            done.wait(self.refresh_wait)
+        return self._summary
+
+    def _refresh(self, done: threading.Event) -> None:
+        """Re-read the summary (in its own thread); on failure keep the last one."""
         try:
-            row = self._query(
-                "SELECT EXISTS (SELECT 1 FROM users WHERE password ~* %s),"
-                " EXISTS (SELECT 1 FROM users WHERE password ~* %s)",
-                (_CLEAR_RE, _SCRAM_RE),
-            )[0]
-        except StorageError as e:
+            self._summary = self._read_summary()
+        except Exception as e:  # StorageError, a closed pool: logged, never raised
             self._log.warning("%s", e)
-            return (cached[1], cached[2]) if cached is not None else (False, False)
-        clear, scram = bool(row[0]), bool(row[0] or row[1])
-        with self._lock:
-            self._flags = (now, clear, scram)
-        return clear, scram
+        finally:
+            with self._lock:
+                self._refreshing = None
+            done.set()
+
+    def _read_summary(self) -> _Summary:
+        now = time.monotonic()
+        row = self._query(
+            "SELECT EXISTS (SELECT 1 FROM users WHERE password ~* %s),"
+            " EXISTS (SELECT 1 FROM users WHERE password ~* %s)",
+            (_CLEAR_RE, _SCRAM_RE),
+        )[0]
+        costs: Counter[tuple[str, str]] = Counter()
+        for key, n in self._query(_COST_QUERY, (_COST_KEY,)):
+            cost = _cost_of_key(key)
+            if cost is not None and cost_in_bounds(*cost):
+                costs[cost] += n
+        scram: Counter[int] = Counter()
+        for (scheme, params), n in costs.items():
+            if scheme == "SCRAM-SHA-256":
+                scram[int(params)] += n
+            elif scheme == "PLAIN":
+                scram[4096] += n
+        return _Summary(
+            at=now,
+            has_cleartext=bool(row[0]),
+            has_scram=bool(row[0] or row[1]),
+            dummy=dearest_dummy(costs),
+            scram_iterations=scram.most_common(1)[0][0] if scram else 4096,
+        )
 
     @property
     def has_cleartext(self) -> bool:
         """Whether some entry holds its secret in clear (so APOP and CRAM-MD5 can work)."""
-        return self._read_flags()[0]
+        return self._fresh().has_cleartext
 
     @property
     def has_scram(self) -> bool:
         """Whether some entry can answer SCRAM-SHA-256 ({SCRAM-SHA-256} or cleartext)."""
-        return self._read_flags()[1]
+        return self._fresh().has_scram
 
     def dummy_verifier(self) -> Verifier:
-        """A verifier that costs what a real one does and matches nothing, for unknown users.
+        """A verifier that costs what the dearest real one does and matches nothing.
 
-        Like ``PasswdFile.dummy_verifier``: the most common scheme and cost
-        among (up to 10,000) entries, recomputed every ``cache_ttl`` seconds;
-        SHA512-CRYPT with 5000 rounds for an empty or unreachable table.
+        Like ``PasswdFile.dummy_verifier``: the most expensive scheme and cost
+        in the table (within ``COST_BOUNDS``), from the summary.
         """
-        now = time.monotonic()
-        with self._lock:
-            cached = self._dummy
-        if cached is not None and now - cached[0] < self.cache_ttl:
-            return cached[1]
-        try:
-            rows = self._query("SELECT password FROM users LIMIT 10000")
-        except StorageError as e:
-            self._log.warning("%s", e)
-            return cached[1] if cached is not None else dummy_for("SHA512-CRYPT", "")
-        costs: Counter[tuple[str, str]] = Counter()
-        for (secret,) in rows:
-            parsed = parse_secret(secret, bare_is_plain=False)
-            if not isinstance(parsed, str):
-                costs[hash_cost(parsed)] += 1
-        schemes: Counter[str] = Counter()
-        for (scheme, _), n in costs.items():
-            schemes[scheme] += n
-        top = schemes.most_common(1)[0][0] if schemes else "SHA512-CRYPT"
-        params = [p for (s, p), _ in costs.most_common() if s == top]
-        verifier = dummy_for(top, params[0] if params else "")
-        with self._lock:
-            self._dummy = (now, verifier)
-        return verifier
+        return self._fresh().dummy
+
+    def decoy_scram(self, name: str) -> ScramSecret:
+        """SCRAM-SHA-256 keys for *name*, an unknown user (see ``PasswdFile.decoy_scram``)."""
+        return decoy_scram(self._secret, name, self._fresh().scram_iterations)
 
     def close(self) -> None:
         """Close the pool (if this instance made it)."""

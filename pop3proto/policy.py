@@ -367,9 +367,9 @@ class Policy:
         """A Call that gives the SCRAM secret to answer an unknown *name* with."""
         auth = self.settings.auth
         decoy = getattr(auth, "decoy_scram", None) if auth is not None else None
-        if decoy is not None:
+        if decoy is not None:  # per-name salts from the authenticator's secret
             return _call(decoy, name)
-        return Call(ScramSecret.from_password, (self.services.nonce(), b"decoy-salt", 4096))
+        return Call(self.services.decoy_scram, (name,), True)
 
     def _open(self, name: str, mailbox: str) -> Steps:
         """Lock the maildrop and list it; the end of every successful login."""

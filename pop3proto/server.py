@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._config import Config
+from .auth import ScramSecret, decoy_scram
 from .driver import SessionDriver, Settings
 from .limits import AddressCounter, Penalties, address_group
 from .ops.logfmt import event_message
@@ -104,6 +105,7 @@ class Server:
         self._killers: dict[str, Any] = {}
         self._ids = itertools.count(1)
         self._pid = os.getpid()
+        self._secret = secrets.token_bytes(32)  # decoys for authenticators without their own
         self._addresses = AddressCounter()
         self._penalties = Penalties(2.0, 15.0)
         self._state = "down"
@@ -457,6 +459,10 @@ class Server:
             self.logger.log(level, "%s", event_message(fields), extra={"pop3": fields})
         except Exception:  # a failing log handler never kills a session
             pass
+
+    def decoy_scram(self, name: str) -> ScramSecret:
+        """A SCRAM secret for an unknown *name* when the authenticator has no decoys of its own."""
+        return decoy_scram(self._secret, name, 4096)
 
     def nonce(self) -> str:
         """A fresh random token (APOP timestamps, SASL nonces)."""

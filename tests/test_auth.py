@@ -10,12 +10,16 @@ import pytest
 import replies as R
 
 from pop3proto.auth import (
+    MAX_PASSWORD_OCTETS,
     PlainVerifier,
     ScramSecret,
     Verifier,
     apop_digest,
     cram_md5_digest,
+    decoy_scram,
+    derived_scram_salt,
     make_apop_timestamp,
+    password_too_long,
     verify_apop,
 )
 
@@ -109,3 +113,37 @@ def test_plain_verifier_scram_parameters() -> None:
     assert scram is not None
     server_sig = hmac.new(scram.server_key, SCRAM_AUTH_MESSAGE, hashlib.sha256).digest()
     assert server_sig == SCRAM_SERVER_SIGNATURE
+
+
+def test_password_length_bound() -> None:
+    assert not password_too_long("x" * MAX_PASSWORD_OCTETS)
+    assert password_too_long("x" * (MAX_PASSWORD_OCTETS + 1))
+    assert password_too_long("é" * (MAX_PASSWORD_OCTETS // 2 + 1))  # counted in UTF-8 octets
+    assert not password_too_long("é" * (MAX_PASSWORD_OCTETS // 2))
+    long = "p" * (MAX_PASSWORD_OCTETS + 1)
+    assert not PlainVerifier(long).verify(long)  # refused even when it is the secret
+    assert PlainVerifier("p" * MAX_PASSWORD_OCTETS).verify("p" * MAX_PASSWORD_OCTETS)
+
+
+def test_plain_verifier_derives_scram_keys_once() -> None:
+    verifier = PlainVerifier("pencil", scram_salt=SCRAM_SALT)
+    first = verifier.scram()
+    assert first is verifier.scram()
+    assert verifier == PlainVerifier("pencil", scram_salt=SCRAM_SALT)  # the cache is no field
+    assert "_scram" not in repr(verifier)
+
+
+def test_decoy_scram_is_deterministic_per_name_and_secret() -> None:
+    a = decoy_scram(b"k" * 32, "alice", 4096)
+    assert a == decoy_scram(b"k" * 32, "alice", 4096)
+    assert a.iterations == 4096
+    assert a.salt == derived_scram_salt(b"k" * 32, "alice")
+    assert len(a.salt) == 16
+    assert len(a.stored_key) == 32
+    assert len(a.server_key) == 32
+    assert len({a.stored_key, a.server_key, a.salt[:16]}) == 3
+    b = decoy_scram(b"k" * 32, "bob", 4096)
+    other = decoy_scram(b"j" * 32, "alice", 4096)
+    assert len({a.salt, b.salt, other.salt}) == 3
+    assert len({a.stored_key, b.stored_key, other.stored_key}) == 3
+    assert decoy_scram(b"k", "\udcff", 8192).iterations == 8192  # escaped bytes in a name

@@ -13,13 +13,14 @@ import bcrypt
 import pytest
 
 from pop3proto.__main__ import main
-from pop3proto.auth import PlainVerifier, ScramSecret, Verifier
+from pop3proto.auth import PlainVerifier, ScramSecret, Verifier, derived_scram_salt
 from pop3proto.passwd import (
     HASH_SCHEMES,
     DictAuthenticator,
     HashVerifier,
     PasswdFile,
     ScramVerifier,
+    default_secret,
     hash_password,
     sha_crypt,
     user_name_problem,
@@ -187,7 +188,9 @@ def test_cleartext_and_scram_per_scheme(users_file: Path) -> None:
     auth = PasswdFile(users_file)
     plain = verifier(auth, "plain")
     assert plain.cleartext() == "plain-pw"
-    assert plain.scram() == ScramSecret.from_password("plain-pw", b"pop3proto-plain")
+    salt = derived_scram_salt(default_secret(users_file.read_bytes()), "plain")
+    assert plain.scram() == ScramSecret.from_password("plain-pw", salt)
+    assert plain.scram() is plain.scram()  # derived once
     for user in ("argon2id", "blf2y", "sha512", "bare5"):
         v = verifier(auth, user)
         assert isinstance(v, HashVerifier)
@@ -416,7 +419,7 @@ def test_constructor_raises_for_a_missing_file(tmp_path: Path) -> None:
 # --- dummy verifier ------------------------------------------------------------------
 
 
-def test_dummy_verifier_copies_the_most_used_scheme_and_cost(tmp_path: Path) -> None:
+def test_dummy_verifier_copies_the_dearest_scheme_and_cost(tmp_path: Path) -> None:
     sha = [hash_password(f"pw{i}", "SHA512-CRYPT", rounds=r) for i, r in
            enumerate([1000, 1000, 2000])]  # fmt: skip
     lines = [f"s{i}:{h}" for i, h in enumerate(sha)] + ["p1:{PLAIN}a", "p2:{PLAIN}b"]
@@ -425,7 +428,7 @@ def test_dummy_verifier_copies_the_most_used_scheme_and_cost(tmp_path: Path) -> 
     dummy = auth.dummy_verifier()
     assert isinstance(dummy, HashVerifier)
     assert dummy.scheme == "SHA512-CRYPT"
-    assert dummy.hashed.startswith("$6$rounds=1000$")
+    assert dummy.hashed.startswith("$6$rounds=2000$")  # the dearest, not the most common
     assert dummy.cleartext() is None
     for password in ("pw0", "pw1", "pw2", "a", "b", ""):
         assert not dummy.verify(password)
