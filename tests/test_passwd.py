@@ -635,7 +635,7 @@ def test_cli_missing_library(
 ) -> None:
     monkeypatch.setitem(sys.modules, "bcrypt", None)
     assert main(["passwd", "-s", "BLF-CRYPT", "-p", "x"]) == 1
-    assert "pip install bcrypt" in capsys.readouterr().err
+    assert "pip install 'pop3proto[hashes]'" in capsys.readouterr().err  # names the extra
 
 
 def test_cli_no_password_on_eof(
