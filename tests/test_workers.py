@@ -58,6 +58,30 @@ def test_a_failure_in_one_process_delays_the_next_in_another() -> None:
     assert table.wait("198.51.100.1", 100.0) == 15.0  # queued behind all four
 
 
+def test_a_lock_held_too_long_elsewhere_is_waited_for_only_so_long() -> None:
+    # A worker stopped (SIGSTOP, a debugger) while it holds the table's lock:
+    # the others go on counting, each in a private table, instead of hanging.
+    table = SharedPenalties(1.0, 8.0, lock_timeout=0.05)
+    ctx = multiprocessing.get_context("fork")
+    holding, release = ctx.Event(), ctx.Event()
+
+    def hold() -> None:
+        with table._locked():
+            holding.set()
+            release.wait(10)
+
+    child = ctx.Process(target=hold)
+    child.start()
+    try:
+        assert holding.wait(10)
+        assert table.failed("192.0.2.77", 10.0) == 1.0
+        assert table.failed("192.0.2.77", 10.0) == 2.0
+    finally:
+        release.set()
+        child.join(10)
+    assert table.failures("192.0.2.77", 10.0) == 0  # the shared table never saw them
+
+
 def test_the_table_is_bounded_and_forgets_the_stalest() -> None:
     table = SharedPenalties(1.0, 4.0, max_entries=64)
     for i in range(1000):
