@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ._config import Config
 from .auth import ScramSecret, decoy_scram
 from .driver import SessionDriver, Settings
-from .limits import AddressCounter, Penalties, address_group
+from .limits import AddressCounter, Penalties, PenaltyTable, address_group
 from .ops.logfmt import event_message
 from .options import OPTIONS, check_option
 from .pop3d import Pop3dAuth, Pop3dStorage
@@ -107,7 +107,7 @@ class Server:
         self._pid = os.getpid()
         self._secret = secrets.token_bytes(32)  # decoys for authenticators without their own
         self._addresses = AddressCounter()
-        self._penalties = Penalties(2.0, 15.0)
+        self._penalties: PenaltyTable = Penalties(2.0, 15.0)
         self._state = "down"
         self._handle: TransportHandle | None = None
         self._bound: dict[str, int] = {}
@@ -172,11 +172,30 @@ class Server:
         return self._options[name]
 
     def reload_tls(self) -> None:
-        """(Re)load ``tls_cert``/``tls_key`` into a fresh context; live sessions keep theirs."""
+        """(Re)load ``tls_cert``/``tls_key`` into a fresh context; live sessions keep theirs.
+
+        With ``workers`` > 1 each worker then reloads its own (a SIGHUP to it)
+        and logs the outcome; a certificate that fails to load here raises
+        and changes nothing anywhere.
+        """
         context = load_tls(self._options["tls_cert"], self._options["tls_key"])
         with self._lock:
             self._tls_context = context
             self._config_cache = {}
+            handle = self._handle
+        forward = getattr(handle, "reload_tls", None)
+        if forward is not None:
+            forward()  # a WorkerPool: each worker process reloads its own
+
+    def use_penalties(self, table: PenaltyTable) -> None:
+        """Count failed logins in *table* from now on (one shared by a pool's workers, say).
+
+        Its ``base`` and ``cap`` follow this server's options.
+        """
+        with self._lock:
+            table.base = float(self._options["auth_failure_delay"])
+            table.cap = float(self._options["auth_failure_delay_max"])
+            self._penalties = table
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The context new TLS handshakes use (explicit ``ssl_context`` or cert/key)."""
