@@ -314,6 +314,10 @@ class SessionDriver:
         if self._in_call:  # the call's result is taken in first (a lock taken is released)
             self._pending_shutdown = text
             return
+        if self._handshaking:  # no line can be sent in the middle of a handshake
+            self.connection_lost(ConnectionAbortedError("server shutting down"))
+            self.end_reason = "Server shutting down"
+            return
         self.end_reason = "Server shutting down"
         self._say_goodbye(Disconnect(text=text, code="SYS/TEMP"))
 

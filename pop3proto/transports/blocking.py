@@ -34,15 +34,16 @@ class _Client:
 
     def __init__(self, server: Server, sock: socket.socket, peer: Any, tls: bool) -> None:
         self.sock = sock
-        self.killed = self.writing = False
+        self.killed = self.writing = self.handshaking = False
         self.driver = SessionDriver(server, peer, tls=tls, now=time.monotonic())
         server.set_killer(self.driver, self.kill)
 
     def kill(self) -> None:
         """End the session from any thread: wake the read; the goodbye is still written."""
         self.killed = True
-        try:  # a blocked write cannot be followed by a goodbye: cut it off
-            self.sock.shutdown(socket.SHUT_RDWR if self.writing else socket.SHUT_RD)
+        cut = self.writing or self.handshaking  # no goodbye possible: cut it off
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR if cut else socket.SHUT_RD)
         except OSError:
             pass
 
@@ -97,6 +98,7 @@ class _Client:
 
     def handshake(self) -> None:
         driver = self.driver
+        self.handshaking = True
         try:
             self.sock.settimeout(_timeout(driver.deadline))
             # Wrap first and shake hands after, so the killer always sees the live socket.
@@ -108,6 +110,8 @@ class _Client:
         except (OSError, ValueError, AttributeError) as exc:
             driver.connection_lost(exc)
             return
+        finally:
+            self.handshaking = False
         driver.tls_started()
 
 

@@ -215,6 +215,7 @@ class _Loop:
 
     def _kill(self, c: _Client) -> None:
         if not c.closed:
+            c.handshaking = False  # a handshake in progress is abandoned, not finished
             c.driver.shutdown()
             self._pump(c)
 
