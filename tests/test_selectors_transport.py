@@ -208,7 +208,7 @@ def test_a_client_that_stops_reading_stalls_nobody(make_server: Any, store: Memo
     assert other.retr(1)[1][-1] == b"hello"
     other.quit()
     assert time.monotonic() - started < 2.0
-    [held] = [len(c.out) for c in handle.clients if c.session.id == sid]
+    [held] = [len(c.out) for c in handle.clients if c.driver.id == sid]
     assert held <= 512 * 1024
     assert server.connection_state(sid)["bytes_out"] < BIG // 2
     stalled.close()

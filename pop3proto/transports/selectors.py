@@ -66,6 +66,7 @@ class _Loop:
         self.ports = ports_of(listeners)
         self.sel = selectors.DefaultSelector()
         self.clients: set[_Client] = set()
+        self.proxied: set[socket.socket] = set()  # still sending their PROXY header
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self.seq = itertools.count()
         self.actions: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -113,6 +114,8 @@ class _Loop:
             self._stop()
             for c in list(self.clients):
                 self._lost(c)
+            for sock in list(self.proxied):
+                self._unproxy(sock, True)
             self.pool.shutdown(wait=False)
             self.sel.close()
             self.rwake.close()
@@ -174,35 +177,37 @@ class _Loop:
                 if not server.proxy_expected():
                     self._open(sock, peer[:2], tls)
                 elif server.proxy_trusted(peer[0]):
-                    self._proxy(sock, tls, ProxyReader(peer[:2]), None)
+                    self._proxy(sock, tls, ProxyReader(peer[:2]))
                 else:
                     sock.close()
             except Exception as exc:  # one connection's failure never stops the listener
                 server.log.warning("could not set up a connection from %s: %s", peer[0], exc)
                 sock.close()
 
-    def _proxy(self, sock: socket.socket, tls: bool, reader: ProxyReader,
-               deadline: float | None, *_: Any) -> None:
+    def _proxy(self, sock: socket.socket, tls: bool, reader: ProxyReader, *_: Any) -> None:
         """Read the PROXY header exactly (a TLS ClientHello stays unread), then open."""
-        if deadline is None:
-            deadline = time.monotonic() + (self.server.cget("handshake_timeout") or 30.0)
-            self.sel.register(sock, _READ, partial(self._proxy, sock, tls, reader, deadline))
-            self._at(deadline, partial(self._proxy_expired, sock))
+        if sock not in self.proxied:
+            self.proxied.add(sock)
+            self.sel.register(sock, _READ, partial(self._proxy, sock, tls, reader))
+            timeout = self.server.cget("handshake_timeout") or 30.0
+            self._at(time.monotonic() + timeout, partial(self._unproxy, sock, True))
         try:
             while (source := reader.feed(sock.recv(reader.want()))) is None:
                 pass
         except BlockingIOError:
             return
         except (OSError, ValueError):
-            self._proxy_expired(sock)
+            self._unproxy(sock, True)
             return
-        self.sel.unregister(sock)
+        self._unproxy(sock, False)
         self._open(sock, source, tls)
 
-    def _proxy_expired(self, sock: socket.socket) -> None:
-        if sock.fileno() >= 0 and self.sel.get_map() is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(sock)
+    def _unproxy(self, sock: socket.socket, close: bool) -> None:
+        """Stop waiting for *sock*'s PROXY header (and *close* it if it was still waiting)."""
+        if sock in self.proxied:
+            self.proxied.discard(sock)
+            self.sel.unregister(sock)
+            if close:
                 sock.close()
 
     def _open(self, sock: socket.socket, peer: Any, tls: bool) -> None:
@@ -216,6 +221,9 @@ class _Loop:
     def _kill(self, c: _Client) -> None:
         if not c.closed:
             c.handshaking = False  # a handshake in progress is abandoned, not finished
+            if len(c.out) >= _HIGH:  # the client does not read: no goodbye can reach it
+                self._lost(c, ConnectionAbortedError("server shutting down"))
+                return
             c.driver.shutdown()
             self._pump(c)
 
