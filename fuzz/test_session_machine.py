@@ -939,6 +939,9 @@ class SessionMachine(RuleBasedStateMachine):
     def _trace(direction: str, text: str) -> None:
         if direction == "C" and text[:5].upper() == "PASS ":
             assert text == "PASS ***", f"password in the trace: {text!r}"
+        words = text.split(" ")
+        if direction == "C" and words[0] in ("AUTH", "APOP") and len(words) > 2:
+            assert words[2:] == ["***"], f"secret in the trace: {text!r}"
 
     def _draw(self, strategy: st.SearchStrategy[T]) -> T:
         assert self.data is not None

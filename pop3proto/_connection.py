@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import re
 import unicodedata
 from collections.abc import Callable
 from typing import Final, NoReturn
@@ -66,6 +67,13 @@ PAUSED: Final = Sentinel.PAUSED
 _CLOSED_EVENT = ConnectionClosed()
 _HEX = frozenset("0123456789abcdef")
 _LOGIN_EVENTS = (Login, ApopLogin, AuthStart, AuthResponse)
+#: How every command but PASS splits its arguments (any run of ASCII
+#: whitespace); the trace's redaction uses the same function.
+_split_args: Final = bytes.split
+#: Commands whose arguments after the first are secrets.
+_SECRET_AFTER_FIRST = frozenset({b"AUTH", b"APOP"})
+#: A SASL mechanism name (RFC 4422 section 3.1), any case.
+_MECH_NAME = re.compile(rb"[A-Za-z0-9_-]{1,20}")
 
 
 class Stats:
@@ -405,18 +413,31 @@ class Connection:
         return handler(self, rest)
 
     def _trace_command(self, keyword: bytes, rest: bytes) -> None:
+        """Trace a known command, its secrets redacted by the parser's own splitting."""
         assert self.config.trace is not None
         shown = keyword.decode("ascii", "replace")
-        if keyword == b"PASS" and rest:
-            shown += " ***"
-        elif keyword == b"AUTH" and b" " in rest.strip():
-            shown += " " + rest.split()[0].decode("ascii", "replace") + " ***"
+        if keyword == b"PASS":
+            # PASS takes the rest of the line, spaces and all.
+            if rest:
+                shown += " ***"
+        elif keyword in _SECRET_AFTER_FIRST:
+            # AUTH mech [initial-response], APOP name digest: _syntax splits
+            # these with _split_args, so the redaction does too.
+            args = _split_args(rest)
+            if args:
+                first = args[0]
+                if keyword == b"AUTH" and not _MECH_NAME.fullmatch(first):
+                    shown += " ***"  # not a mechanism name: maybe a misplaced secret
+                else:
+                    shown += " " + first.decode("utf-8", "replace")
+                if len(args) > 1:
+                    shown += " ***"
         elif rest:
             shown += " " + rest.decode("utf-8", "replace")
         self.config.trace("C", shown)
 
     def _syntax(self, rest: bytes, nargs: tuple[int, ...]) -> list[bytes] | None:
-        args = rest.split()
+        args = _split_args(rest)
         if len(args) in nargs:
             self._bad = 0
             return args

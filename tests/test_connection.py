@@ -1681,6 +1681,47 @@ def test_trace_redacts_secrets() -> None:
     assert "AGEAYg==" not in repr(seen)
 
 
+@pytest.mark.parametrize("sep", [b" ", b"\t", b"\x0b", b"\x0c", b" \t "])
+def test_trace_redaction_follows_the_parsers_splitting(sep: bytes) -> None:
+    # Whatever whitespace the parser takes between arguments, the trace takes too.
+    seen: list[tuple[str, str]] = []
+    config = Config(apop=True, trace=lambda who, line: seen.append((who, line)))
+    conn = greeted(config, apop=True)
+    digest = "c4c9334bac560ecc979e58001b3e22fb"
+    events = feed(conn, b"AUTH" + b" PLAIN" + sep + b"AGEAYg==\r\n")
+    assert events == [AuthStart(mechanism="PLAIN", initial_response=b"\x00a\x00b")]
+    conn.send(Err())
+    events = feed(conn, b"APOP mrose" + sep + digest.encode() + b"\r\n")
+    assert events == [ApopLogin(username="mrose", digest=digest)]
+    conn.send(Err())
+    feed(conn, b"APOP mrose" + sep + b"x\r\n")  # malformed, still redacted
+    feed(conn, b"AUTH AGEAYg==\r\n")  # no mechanism name: maybe a misplaced secret
+    feed(conn, b"AUTH\r\n")
+    commands = [line for who, line in seen if who == "C"]
+    assert commands == [
+        "AUTH PLAIN ***", "APOP mrose ***", "APOP mrose ***", "AUTH ***", "AUTH"
+    ]
+    assert "AGEAYg" not in repr(seen)
+    assert digest not in repr(seen)
+
+
+def test_event_reprs_hide_secrets() -> None:
+    secrets = ["hunter2", "c4c9334bac560ecc979e58001b3e22fb", "AGEAYg", "\\x00a\\x00b"]
+    events = [
+        Login(username="mrose", password="hunter2"),
+        ApopLogin(username="mrose", digest="c4c9334bac560ecc979e58001b3e22fb"),
+        AuthStart(mechanism="PLAIN", initial_response=b"\x00a\x00b"),
+        AuthResponse(data=b"\x00a\x00b"),
+    ]
+    shown = repr(events)
+    assert "mrose" in shown
+    assert "PLAIN" in shown
+    for secret in secrets:
+        assert secret not in shown
+    # Equality still sees the secrets.
+    assert Login(username="a", password="x") != Login(username="a", password="y")
+
+
 # ================================================================ value checks
 
 
