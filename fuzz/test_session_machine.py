@@ -57,6 +57,7 @@ from pop3proto import (
     NEED_DATA,
     PAUSED,
     ApopLogin,
+    AuthAborted,
     AuthResponse,
     AuthStart,
     Config,
@@ -219,6 +220,7 @@ class Model:
         self.bad = 0
         self.failures = 0
         self.sasl = False
+        self.mechanism = ""
         self.snapshot: list[Stored] = []
         self.marked: set[int] = set()
         self.lines: deque[bytes] = deque()
@@ -454,16 +456,19 @@ class Model:
             initial = b"" if args[1] == b"=" else strict_b64decode(args[1])
             if initial is None:
                 return self._auth_failed(raw, None)
-        return Step("event", event=AuthStart(mechanism=mech.decode(), initial_response=initial))
+        self.mechanism = mech.decode()
+        return Step("event", event=AuthStart(mechanism=self.mechanism, initial_response=initial))
 
     def _sasl_line(self, raw: bytes) -> Step:
         line = raw[:-1] if raw.endswith(b"\r") else raw
         if len(line) + 2 > self.config.max_sasl_line_length:
             return self._fatal(raw)
         self.sasl = False
-        data = None if line == b"*" else strict_b64decode(line)
+        if line == b"*":  # RFC 5034: the client cancels; the application answers
+            return Step("event", event=AuthAborted(mechanism=self.mechanism))
+        data = strict_b64decode(line)
         if data is None:
-            return self._auth_failed(raw, None)  # "*" cancels; bad base64 fails
+            return self._auth_failed(raw, None)
         return Step("event", event=AuthResponse(data=data))
 
     def _cmd_stls(self, raw: bytes, rest: bytes) -> Step:
@@ -566,7 +571,7 @@ class Model:
     def answer(self, event: Event, plan: list[Response], store: dict[str, Stored]) -> Reply:
         """The reply to *event* once the application sent *plan*; updates the state."""
         first = plan[0]
-        if isinstance(event, (Login, ApopLogin, AuthStart, AuthResponse)):
+        if isinstance(event, (Login, ApopLogin, AuthStart, AuthResponse, AuthAborted)):
             self.sasl = False
             if isinstance(first, SaslChallenge):
                 self.sasl = True
@@ -642,6 +647,11 @@ class App:
             return self._auth_start(event, draw)
         if isinstance(event, AuthResponse):
             return self._auth_response(event.data, draw)
+        if isinstance(event, AuthAborted):
+            assert event.mechanism == self.sasl[0] or self.sasl[0] == "OTHER", event
+            self.sasl = ("", None)
+            code = draw(st.sampled_from(["AUTH", None, "SYS/TEMP"]))
+            return [Err(code=code, text=draw(st.sampled_from(["", "Aborted."])))]
         if isinstance(event, StartTLS):
             return [Ok()] if draw(st.integers(0, 3)) else [Err(code="SYS/TEMP")]
         if isinstance(event, (RetrieveMessage, TopOfMessage)):

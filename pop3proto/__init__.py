@@ -20,6 +20,7 @@ from ._connection import NEED_DATA, PAUSED, Connection, Sentinel, Stats
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._events import (
     ApopLogin,
+    AuthAborted,
     AuthResponse,
     AuthStart,
     ConnectionClosed,
@@ -49,6 +50,7 @@ __all__ = [
     "NEED_DATA",
     "PAUSED",
     "ApopLogin",
+    "AuthAborted",
     "AuthResponse",
     "AuthStart",
     "Config",

@@ -24,6 +24,7 @@ from ._config import PLAINTEXT_MECHANISMS, Config
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
     ApopLogin,
+    AuthAborted,
     AuthResponse,
     AuthStart,
     ConnectionClosed,
@@ -66,7 +67,7 @@ PAUSED: Final = Sentinel.PAUSED
 
 _CLOSED_EVENT = ConnectionClosed()
 _HEX = frozenset("0123456789abcdef")
-_LOGIN_EVENTS = (Login, ApopLogin, AuthStart, AuthResponse)
+_LOGIN_EVENTS = (Login, ApopLogin, AuthStart, AuthResponse, AuthAborted)
 #: How every command but PASS splits its arguments (any run of ASCII
 #: whitespace); the trace's redaction uses the same function.
 _split_args: Final = bytes.split
@@ -122,6 +123,8 @@ class Connection:
         self._apop_ts: str | None = None
         self._bad = 0
         self._sasl = False
+        #: The mechanism of the SASL exchange under way (set by AUTH).
+        self._mechanism = ""
         self._stuffer: DotStuffer | None = None
         self._top: TopLimiter | None = None
         self._login_delay = self.config.login_delay
@@ -559,6 +562,7 @@ class Connection:
             if initial is None:
                 self._auth_failed(Err(text="Invalid base64 data in initial response."))
                 return None
+        self._mechanism = mech
         return AuthStart(mechanism=mech, initial_response=initial)
 
     def _sasl_line(self, line: bytes) -> Event | None:
@@ -568,8 +572,7 @@ class Connection:
             self.config.trace("C", "***")
         self._sasl = False
         if line == b"*":
-            self._auth_failed(Err(text="Authentication aborted."))
-            return None
+            return AuthAborted(mechanism=self._mechanism)
         data = decode_base64(line)
         if data is None:
             self._auth_failed(Err(text="Invalid base64 data."))
@@ -737,9 +740,14 @@ class Connection:
             self._write(status_line(True, response.text))
             return
         assert isinstance(response, Err)
-        self._auth_failed(
-            response if response.text else Err(text="Authentication failed.", code=response.code)
-        )
+        if not response.text:
+            text = (
+                "Authentication aborted."
+                if isinstance(pending, AuthAborted)
+                else "Authentication failed."
+            )
+            response = Err(text=text, code=response.code)
+        self._auth_failed(response)
 
     def _answer_message(self, pending: RetrieveMessage | TopOfMessage, response: Response) -> None:
         kind = type(response)

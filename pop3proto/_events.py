@@ -18,6 +18,7 @@ from ._maildrop import Maildrop
 
 __all__ = [
     "ApopLogin",
+    "AuthAborted",
     "AuthResponse",
     "AuthStart",
     "ConnectionClosed",
@@ -104,6 +105,20 @@ class AuthResponse(Event):
 
     #: Left out of the repr: it may carry the password.
     data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthAborted(Event):
+    """The client cancelled a SASL exchange with ``*`` (RFC 5034 section 4).
+
+    Answer Err (the default text is "Authentication aborted."); like any
+    failed login it counts toward ``Config.max_auth_failures`` unless its
+    code is neither None nor "AUTH".  The application counts it in its own
+    failed-login accounting too (delays, logs).
+    """
+
+    #: The mechanism of the cancelled exchange (as in its AuthStart).
+    mechanism: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -23,6 +23,7 @@ import enum
 
 from ._events import (
     ApopLogin,
+    AuthAborted,
     AuthResponse,
     AuthStart,
     Data,
@@ -89,6 +90,7 @@ ANSWERS: dict[type[Event], frozenset[type[Response]]] = {
     ApopLogin: _LOGIN,
     AuthStart: frozenset({LoginAccepted, Err, SaslChallenge}),
     AuthResponse: frozenset({LoginAccepted, Err, SaslChallenge}),
+    AuthAborted: frozenset({Err}),
     StartTLS: frozenset({Ok, Err}),
     RetrieveMessage: frozenset({Ok, Err, Data, EndOfMessage}),
     TopOfMessage: frozenset({Ok, Err, Data, EndOfMessage}),

@@ -46,6 +46,7 @@ from ._config import Config
 from ._connection import Connection
 from ._events import (
     ApopLogin,
+    AuthAborted,
     AuthResponse,
     AuthStart,
     ConnectionClosed,
@@ -448,6 +449,10 @@ class Session:
             yield from self._auth_start(event)
         elif isinstance(event, AuthResponse):
             yield from self._auth_step(event.data)
+        elif isinstance(event, AuthAborted):
+            # The client cancelled with "*": a failed login like any other.
+            self._mech, self._scram_user, self._oauth_failed = None, None, False
+            yield from self._fail("Authentication aborted.")
         elif isinstance(event, ApopLogin):
             yield from self._apop(event)
         elif isinstance(event, StartTLS):

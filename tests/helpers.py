@@ -25,6 +25,7 @@ from pop3proto import (
     NEED_DATA,
     PAUSED,
     ApopLogin,
+    AuthAborted,
     AuthResponse,
     AuthStart,
     Config,
@@ -269,6 +270,9 @@ class App:
             yield self._sasl(event.initial_response)
         elif isinstance(event, AuthResponse):
             yield self._sasl(event.data)
+        elif isinstance(event, AuthAborted):
+            self._sasl_user = None
+            yield Err()
         elif isinstance(event, (RetrieveMessage, TopOfMessage)):
             yield Ok()
             data = self.messages[int(event.key[1:]) - 1]

@@ -39,6 +39,7 @@ from pop3proto import (
     NEED_DATA,
     PAUSED,
     ApopLogin,
+    AuthAborted,
     AuthResponse,
     AuthStart,
     Config,
@@ -650,6 +651,45 @@ C: CAPA
 """
     result = transcript(script, config=Config(max_auth_failures=5))
     assert result.conn.stats.auth_failures == 2
+
+
+def test_auth_abort_is_an_event_for_the_application() -> None:
+    # RFC 5034: "*" cancels; the application hears of it (failed-login
+    # accounting, delays, logs) and answers with the -ERR.
+    conn = greeted(Config(max_auth_failures=2, sasl_mechanisms=("LOGIN",)))
+    assert feed(conn, b"AUTH LOGIN\r\n") == [AuthStart(mechanism="LOGIN", initial_response=None)]
+    conn.send(SaslChallenge(data=b"Username:"))
+    assert feed(conn, b"*\r\nCAPA\r\n") == [AuthAborted(mechanism="LOGIN")]
+    assert conn.data_to_send() == b"+ VXNlcm5hbWU6\r\n"
+    assert conn.next_event() is PAUSED  # CAPA waits behind the pending event
+    conn.send(Err(code="AUTH"))
+    assert conn.data_to_send() == W(R.AUTH_ABORTED_CODE)
+    assert conn.stats.auth_failures == 1
+    assert next_events(conn) == []
+    assert conn.data_to_send().startswith(b"+OK Capability list follows\r\n")
+    # A temporary failure does not count; an aborted exchange otherwise does.
+    feed(conn, b"AUTH LOGIN\r\n")
+    conn.send(SaslChallenge())
+    assert feed(conn, b"*\r\n") == [AuthAborted(mechanism="LOGIN")]
+    conn.send(Err(text="Try later.", code="SYS/TEMP"))
+    assert conn.stats.auth_failures == 1
+    feed(conn, b"AUTH LOGIN\r\n")
+    conn.send(SaslChallenge())
+    feed(conn, b"*\r\n")
+    conn.send(Err())
+    assert conn.data_to_send().endswith(W(R.AUTH_ABORTED))
+    assert conn.phase is Phase.CLOSED  # the second counted failure ends it
+
+
+@pytest.mark.parametrize("answer", [LoginAccepted(maildrop=Maildrop()), SaslChallenge(), Ok()])
+def test_auth_abort_takes_only_err(answer: Response) -> None:
+    conn = greeted()
+    feed(conn, b"AUTH PLAIN\r\n")
+    conn.send(SaslChallenge())
+    assert feed(conn, b"*\r\n") == [AuthAborted(mechanism="PLAIN")]
+    with pytest.raises(LocalProtocolError):
+        conn.send(answer)
+    assert conn.phase is Phase.ERROR
 
 
 @pytest.mark.parametrize("initial", [b"abc", b"ab=c", b"a===", b"YWJ\xff"])

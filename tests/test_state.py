@@ -107,6 +107,7 @@ SITUATIONS: dict[str, Callable[[], Connection]] = {
     "auth-start-pending": _script(b"AUTH PLAIN\r\n"),
     "sasl-continuation": _script(b"AUTH PLAIN\r\n", SaslChallenge()),
     "auth-response-pending": _script(b"AUTH PLAIN\r\nAAAA\r\n", SaslChallenge()),
+    "auth-aborted-pending": _script(b"AUTH PLAIN\r\n*\r\n", SaslChallenge()),
     "stls-pending": _script(b"STLS\r\n"),
     "after-stls": _script(b"STLS\r\n", Ok()),
     "transaction": lambda: logged_in(CONFIG),
