@@ -22,8 +22,10 @@ reply or the event, and the machine checks:
   when missing), its length is the LIST size, and TOP gives the header, the
   blank line and at most n body lines;
 * bad commands in a row and failed logins close the session at the
-  configured limits; an over-long line, NUL, too much unread input end it
-  with ``RemoteProtocolError``.
+  configured limits; an over-long line gets ``-ERR`` in its place and counts
+  as a bad command (a failed login as a SASL answer); NUL, too much unread
+  input and a line that never ends within ``max_buffered_input`` octets end
+  the session with ``RemoteProtocolError``.
 
 Where the core departs from RFC 1939, the model follows the RFC; the main
 machine copies the core only at the points listed in ``KNOWN_CORE_BUGS``.
@@ -223,8 +225,12 @@ class Model:
         self.mechanism = ""
         self.snapshot: list[Stored] = []
         self.marked: set[int] = set()
-        self.lines: deque[bytes] = deque()
+        #: Lines received; None stands for a line too long to keep.
+        self.lines: deque[bytes | None] = deque()
         self.partial = b""
+        #: Skipping an over-long line up to its LF, and the octets dropped so far.
+        self.skipping = False
+        self.skipped = 0
         self.queued = 0
         self.eof = False
         self._keep_user = False
@@ -237,6 +243,14 @@ class Model:
         if not data:
             self.eof = True
             return
+        if self.skipping:
+            dropped, lf, data = data.partition(b"\n")
+            self.skipped += len(dropped)
+            if not lf:
+                return
+            self.skipping = False
+            self.lines.append(None)
+            self.queued += 1  # its LF
         *lines, self.partial = (self.partial + data).split(b"\n")
         self.lines.extend(lines)
         self.queued += sum(len(line) + 1 for line in lines)
@@ -245,6 +259,7 @@ class Model:
         self.lines.clear()
         self.partial = b""
         self.queued = 0
+        self.skipping = False
 
     # -- derived state
 
@@ -272,12 +287,18 @@ class Model:
             return self._fatal("<too much unread input>")
         if not self.lines:
             if len(self.partial) >= config.max_sasl_line_length:
-                return self._fatal("<over-long partial line>")
+                # Too long to keep: drop it up to its LF, answer it there.
+                self.skipping, self.skipped, self.partial = True, len(self.partial), b""
+            if self.skipping and self.skipped >= config.max_buffered_input:
+                return self._fatal("<a line that never ends>")
             if self.eof:
                 self.phase = Phase.CLOSED
                 return Step("closed")
             return Step("need_data")
         raw = self.lines.popleft()
+        if raw is None:
+            self.queued -= 1
+            return self._too_long(b"<over-long line>")
         self.queued -= len(raw) + 1
         if self.sasl:
             return self._sasl_line(raw)
@@ -297,7 +318,7 @@ class Model:
         if len(line) + 2 > config.max_line_length and (
             keyword != b"AUTH" or len(line) + 2 > config.max_sasl_line_length
         ):
-            return self._fatal(raw)
+            return self._too_long(raw)
         assert self.phase in (Phase.AUTHORIZATION, Phase.TRANSACTION)
         allowed = (
             AUTHORIZATION_COMMANDS if self.phase is Phase.AUTHORIZATION else TRANSACTION_COMMANDS
@@ -319,6 +340,18 @@ class Model:
     def _fatal(self, raw: object) -> Step:
         self.phase = Phase.ERROR
         return Step("fatal", Reply(raw, b"-ERR"))
+
+    def _too_long(self, raw: bytes) -> Step:
+        """A line over the limit: -ERR and read on (Dovecot's rule)."""
+        if self.sasl:
+            self.sasl = False
+            return self._auth_failed(raw, None, b"-ERR Line too long.")
+        self.user = None
+        step = self._bad(raw)
+        if step.kind != "fatal":
+            assert step.reply is not None
+            step.reply.line = b"-ERR Line too long."
+        return step
 
     def _bad(self, raw: bytes) -> Step:
         """Unknown, misplaced or malformed: -ERR, and too many in a row end the session."""
@@ -462,7 +495,7 @@ class Model:
     def _sasl_line(self, raw: bytes) -> Step:
         line = raw[:-1] if raw.endswith(b"\r") else raw
         if len(line) + 2 > self.config.max_sasl_line_length:
-            return self._fatal(raw)
+            return self._too_long(raw)
         self.sasl = False
         if line == b"*":  # RFC 5034: the client cancels; the application answers
             return Step("event", event=AuthAborted(mechanism=self.mechanism))

@@ -46,7 +46,7 @@ from ._events import (
 )
 from ._maildrop import Maildrop
 from ._readers import decode_base64, parse_number, parse_username
-from ._receivebuffer import ReceiveBuffer
+from ._receivebuffer import OVERLONG, ReceiveBuffer
 from ._state import ANSWERS, COMMANDS, KNOWN_COMMANDS, Phase, Reply
 from ._writers import DotStuffer, TopLimiter, status_line
 
@@ -173,6 +173,16 @@ class Connection:
         """False once a TOP block has all it will send: stop reading the message."""
         return self._reply is Reply.SENDING_LINES and not (self._top and self._top.done)
 
+    @property
+    def partial_line(self) -> bool:
+        """Whether the input so far ends inside a line (bytes of it are buffered or skipped).
+
+        A host may use it after ``receive_data`` to acknowledge at once when
+        a client's command arrives in pieces (``TCP_QUICKACK``, as Dovecot
+        does), instead of waiting for a delayed ACK.
+        """
+        return self._buf.partial_line
+
     # ------------------------------------------------------------ input
 
     def receive_data(self, data: bytes) -> None:
@@ -226,7 +236,10 @@ class Connection:
             line = buf.next_line()
             if line is None:
                 if buf.partial_length >= config.max_sasl_line_length:
-                    self._fatal("Line too long.")
+                    # Too long for any line: skip to its end, answer it there.
+                    buf.skip_partial()
+                if buf.skipping and buf.skipped >= config.max_buffered_input:
+                    self._fatal("Line too long.")  # a "line" that never ends
                 if buf.eof:
                     self._phase = Phase.CLOSED
                     return _CLOSED_EVENT
@@ -385,6 +398,11 @@ class Connection:
         ]
 
     def _handle_line(self, line: bytes) -> Event | None:
+        if line is OVERLONG:
+            if not self._sasl:
+                self.stats.commands += 1
+            self._line_too_long()
+            return None
         if line[-1:] == b"\r":
             line = line[:-1]
         config = self.config
@@ -398,7 +416,8 @@ class Connection:
         if len(line) + 2 > config.max_line_length and (
             keyword != b"AUTH" or len(line) + 2 > config.max_sasl_line_length
         ):
-            self._fatal("Line too long.")
+            self._line_too_long()
+            return None
         if config.trace is not None and keyword in KNOWN_COMMANDS:
             self._trace_command(keyword, rest)
         if self._user is not None and keyword != b"PASS":
@@ -565,9 +584,28 @@ class Connection:
         self._mechanism = mech
         return AuthStart(mechanism=mech, initial_response=initial)
 
+    def _line_too_long(self) -> None:
+        """A line over the limit: -ERR in its place, and the session reads on.
+
+        As a SASL answer it fails the exchange; as a command it counts as a
+        bad one (so a stream of them still ends the session).
+        """
+        trace = self.config.trace
+        if self._sasl:
+            if trace is not None:
+                trace("C", "***")
+            self._sasl = False
+            self._auth_failed(Err(text="Line too long."))
+            return
+        if trace is not None:
+            trace("C", "(line too long)")
+        self._user = None  # it was not PASS
+        self._bad_command("Line too long.")
+
     def _sasl_line(self, line: bytes) -> Event | None:
         if len(line) + 2 > self.config.max_sasl_line_length:
-            self._fatal("Line too long.")
+            self._line_too_long()
+            return None
         if self.config.trace is not None:
             self.config.trace("C", "***")
         self._sasl = False

@@ -166,8 +166,10 @@ def crlf(message: bytes) -> bytes:
     """*message* as RETR must send it before stuffing: CRLF line ends, ending in CRLF.
 
     A bare LF becomes CRLF, a bare CR inside a line stays, and a final bare CR
-    is completed to CRLF.
+    is completed to CRLF.  An empty message is one empty line.
     """
+    if not message:
+        return b"\r\n"
     out = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     if out.endswith(b"\r") and not out.endswith(b"\r\n"):
         return out + b"\n"

@@ -790,9 +790,10 @@ def test_auth_line_over_the_sasl_limit() -> None:
     conn = greeted(config)
     line = b"AUTH PLAIN " + b"A" * 116 + b"\r\n"
     assert len(line) == 129
-    with pytest.raises(RemoteProtocolError, match="Line too long"):
-        feed(conn, line)
-    assert conn.data_to_send() == W(R.LINE_TOO_LONG)
+    assert feed(conn, line + b"NOOP\r\n") == []
+    assert conn.data_to_send() == W(R.LINE_TOO_LONG, R.WRONG_STATE)
+    assert conn.phase is Phase.AUTHORIZATION
+    assert conn.stats.auth_failures == 0  # a bad command, not a failed login
 
 
 def test_sasl_continuation_line_limits() -> None:
@@ -805,9 +806,24 @@ def test_sasl_continuation_line_limits() -> None:
     assert feed(conn, ok) == [AuthResponse(data=b"\0" * 93)]
     conn.send(SaslChallenge())
     conn.data_to_send()
-    with pytest.raises(RemoteProtocolError, match="Line too long"):
-        feed(conn, b"A" * 128 + b"\r\n")
-    assert conn.data_to_send() == W(R.LINE_TOO_LONG)
+    # Over the limit: the exchange fails like bad base64, and commands follow.
+    assert feed(conn, b"A" * 128 + b"\r\nCAPA\r\n") == []
+    assert conn.data_to_send() == W(R.LINE_TOO_LONG, *R.CAPA_AUTHORIZATION)
+    assert conn.stats.auth_failures == 1
+
+
+def test_sasl_continuation_too_long_to_buffer() -> None:
+    config = Config(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
+    conn = greeted(config)
+    feed(conn, b"AUTH PLAIN\r\n")
+    conn.send(SaslChallenge())
+    conn.data_to_send()
+    assert feed(conn, b"A" * 500) == []  # dropped as it comes
+    assert conn.partial_line
+    assert feed(conn, b"A" * 500 + b"\r\nNOOP\r\n") == []
+    assert conn.data_to_send() == W(R.LINE_TOO_LONG, R.WRONG_STATE)
+    assert conn.stats.auth_failures == 1
+    assert conn.phase is Phase.AUTHORIZATION
 
 
 def test_eof_while_waiting_for_a_sasl_response(conn: Connection) -> None:
@@ -1078,25 +1094,76 @@ def test_too_many_bad_commands_after_login() -> None:
 
 @pytest.mark.parametrize("logged", [False, True])
 def test_line_too_long(logged: bool) -> None:
-    conn = logged_in() if logged else greeted()
+    # Like Dovecot: -ERR in the line's place, and the session reads on.
+    config = Config(max_bad_commands_before_login=5)
+    conn = logged_in(config) if logged else greeted(config)
     exact = b"NOOP " + b"x" * 248 + b"\r\n"
     assert len(exact) == 255
     assert feed(conn, exact) == []
     assert conn.data_to_send() == W(R.SYNTAX if logged else R.WRONG_STATE)
+    assert feed(conn, b"NOOP " + b"x" * 249 + b"\r\nNOOP\r\n") == []
+    assert conn.data_to_send() == W(R.LINE_TOO_LONG, R.OK if logged else R.WRONG_STATE)
+    assert conn.phase is (Phase.TRANSACTION if logged else Phase.AUTHORIZATION)
+
+
+def test_line_too_long_is_no_pass_after_user() -> None:
+    conn = greeted()
+    assert chat(conn, b"USER mrose\r\nPASS " + b"p" * 300 + b"\r\nPASS p\r\n") == W(
+        R.OK, R.LINE_TOO_LONG, R.NO_USERNAME
+    )
+
+
+def test_line_too_long_counts_as_a_bad_command() -> None:
+    conn = greeted(Config(max_bad_commands_before_login=2))
+    assert chat(conn, b"X" * 300 + b"\r\n") == W(R.LINE_TOO_LONG)
+    with pytest.raises(RemoteProtocolError, match="Too many bad commands"):
+        feed(conn, b"Y" * 300 + b"\r\n")
+    assert conn.data_to_send() == W(R.TOO_MANY_BAD)
+
+
+def test_partial_line_over_the_limit_is_skipped() -> None:
+    config = Config(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
+    conn = greeted(config)
+    assert feed(conn, b"CAPA\r\nAUTH PLAIN " + b"A" * 116) == []  # 127 octets, no LF yet
+    assert conn.data_to_send() == W(*R.CAPA_AUTHORIZATION)
+    assert conn.partial_line
+    for _ in range(4):  # 4 * 200 more octets: dropped, not held
+        assert feed(conn, b"A" * 200) == []
+        assert conn.data_to_send() == b""
+    assert feed(conn, b"A\r") == []
+    assert feed(conn, b"\nQUIT\r\n") == [ConnectionClosed()]
+    assert conn.data_to_send() == W(R.LINE_TOO_LONG, R.LOGGING_OUT)
+    assert conn.stats.commands == 3
+
+
+def test_a_line_that_never_ends_closes() -> None:
+    config = Config(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
+    conn = greeted(config)
+    feed(conn, b"A" * 1000)
+    feed(conn, b"A" * 23)  # 1023 octets: its LF could still come within 1024
     with pytest.raises(RemoteProtocolError, match="Line too long") as info:
-        feed(conn, b"NOOP " + b"x" * 249 + b"\r\nNOOP\r\n")
+        feed(conn, b"A")  # 1024 octets and no line end: it cannot end within the bound
     assert info.value.response_hint == "Line too long."
     assert conn.data_to_send() == W(R.LINE_TOO_LONG)
     assert conn.phase is Phase.ERROR
 
 
-def test_partial_line_limit() -> None:
-    config = Config(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
-    conn = greeted(config)
-    assert feed(conn, b"AUTH PLAIN " + b"A" * 116) == []  # 127 octets, no LF yet
-    with pytest.raises(RemoteProtocolError, match="Line too long"):
-        feed(conn, b"A")
-    assert conn.data_to_send() == W(R.LINE_TOO_LONG)
+def test_eof_while_skipping_a_long_line() -> None:
+    conn = greeted()
+    assert feed(conn, b"X" * 10000) == []
+    assert feed(conn, b"") == [ConnectionClosed()]
+    assert conn.data_to_send() == b""
+
+
+def test_stls_forgets_a_line_being_skipped() -> None:
+    conn = greeted(Config(stls=True))
+    assert feed(conn, b"STLS\r\n") == [StartTLS()]
+    conn.receive_data(b"X" * 10000)  # plaintext injection, still unread
+    conn.send(Ok())
+    assert not conn.partial_line
+    assert conn.data_to_send() == W(R.BEGIN_TLS)
+    assert feed(conn, b"CAPA\r\n") == []
+    assert conn.data_to_send().startswith(b"+OK")
 
 
 @pytest.mark.parametrize("line", [b"NOOP\x00\r\n", b"\x00\r\n", b"USER a\x00b\r\n"])
@@ -1382,8 +1449,24 @@ def test_retr_ok_text_and_stats(txn: Connection) -> None:
     assert txn.sending_lines
     txn.send(EndOfMessage())
     assert not txn.sending_lines
-    assert txn.data_to_send() == W("+OK message follows", R.END)
+    assert txn.data_to_send() == W("+OK message follows", "", R.END)  # no data: one empty line
     assert txn.stats.retrieved == 1
+
+
+@pytest.mark.parametrize("command", [b"RETR 1", b"TOP 1 0", b"TOP 1 5"])
+@pytest.mark.parametrize("chunks", [[], [b""], [b"", b""]])
+def test_empty_message_is_one_empty_line(command: bytes, chunks: list[bytes]) -> None:
+    # Tcllib's pop3 client reads a bare terminator after the status line as
+    # data and waits forever; Dovecot sends one empty line, and so do we.
+    conn = logged_in(messages=[b""])
+    assert chat(conn, b"STAT\r\nLIST\r\n") == W("+OK 1 2", "+OK 1 messages (2 octets)", "1 2", ".")
+    assert len(feed(conn, command + b"\r\n")) == 1
+    conn.send(Ok())
+    for chunk in chunks:
+        conn.send(Data(data=chunk))
+    conn.send(EndOfMessage())
+    first = "+OK 2 octets" if command.startswith(b"RETR") else R.OK
+    assert conn.data_to_send() == W(first, "", ".")
 
 
 @pytest.mark.parametrize(
@@ -1654,6 +1737,24 @@ def test_properties_through_a_session() -> None:
     assert conn.phase is Phase.TRANSACTION
 
 
+def test_partial_line_tells_the_host_a_command_is_split() -> None:
+    # A client that writes "NOOP" and "\r\n" in two sends: the host can see
+    # the first read ended inside a line (and set TCP_QUICKACK).
+    conn = logged_in()
+    assert not conn.partial_line
+    conn.receive_data(b"NOOP")
+    assert conn.partial_line
+    assert conn.next_event() is NEED_DATA
+    assert conn.partial_line
+    conn.receive_data(b"\r")
+    assert conn.partial_line
+    conn.receive_data(b"\nSTAT\r\n")
+    assert not conn.partial_line  # complete lines are waiting, none is cut
+    assert next_events(conn) == []
+    assert conn.data_to_send() == W(R.OK, "+OK 2 320")
+    assert not conn.partial_line
+
+
 def test_stats() -> None:
     conn = logged_in()
     retr(conn, [MSG1])
@@ -1743,6 +1844,20 @@ def test_trace_redaction_follows_the_parsers_splitting(sep: bytes) -> None:
     ]
     assert "AGEAYg" not in repr(seen)
     assert digest not in repr(seen)
+
+
+def test_trace_of_overlong_lines() -> None:
+    seen: list[tuple[str, str]] = []
+    conn = greeted(Config(trace=lambda who, line: seen.append((who, line))))
+    secret = b64("\0mrose\0" + "p" * 9000)
+    feed(conn, f"PASS {secret}\r\n".encode())
+    feed(conn, b"AUTH PLAIN\r\n")
+    conn.send(SaslChallenge())
+    feed(conn, secret.encode() + b"\r\n")
+    assert [line for who, line in seen if who == "C"] == [
+        "(line too long)", "AUTH PLAIN", "***"
+    ]
+    assert secret[20:40] not in repr(seen)
 
 
 def test_event_reprs_hide_secrets() -> None:
