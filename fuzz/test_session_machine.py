@@ -887,11 +887,14 @@ def garbage_line(draw: st.DrawFn) -> bytes:
 @st.composite
 def configs(draw: st.DrawFn) -> Config:
     """The default Config most of the time, else other offers and limits."""
-    kind = draw(st.sampled_from(["default"] * 5 + ["apop+stls", "custom", "custom", "tight"]))
+    kind = draw(st.sampled_from(["default"] * 4 + ["bare", "apop+stls", "custom", "custom",
+                                                   "tight"]))
+    if kind == "bare":
+        return Config()  # offers no SASL
     if kind == "default":
-        return Config()
+        return Config(sasl_mechanisms=("PLAIN", "LOGIN"))
     if kind == "apop+stls":
-        return Config(apop=True, stls=True)
+        return Config(apop=True, stls=True, sasl_mechanisms=("PLAIN", "LOGIN"))
     if kind == "tight":  # small line and input bounds, so they are hit
         return Config(
             max_line_length=40,
@@ -899,6 +902,7 @@ def configs(draw: st.DrawFn) -> Config:
             max_buffered_input=draw(st.sampled_from([120, 300])),
             apop=draw(st.booleans()),
             stls=draw(st.booleans()),
+            sasl_mechanisms=("PLAIN", "LOGIN"),
         )
     return Config(
         max_bad_commands_before_login=draw(st.integers(1, 5)),

@@ -60,7 +60,7 @@ class Config:
     output_high_water: int = 1 << 16
     user_command: bool = True
     apop: bool = False
-    sasl_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    sasl_mechanisms: tuple[str, ...] = ()
     cleartext_auth: bool = True
     stls: bool = False
     utf8: bool = True

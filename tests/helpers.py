@@ -18,6 +18,7 @@ import copy
 import textwrap
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import replies as R
 
@@ -51,6 +52,18 @@ from pop3proto import (
     wire_size,
 )
 from pop3proto.auth import verify_apop
+
+# ------------------------------------------------------------ configs
+
+#: The SASL mechanisms the tests offer (``Config()`` offers none).
+SASL = ("PLAIN", "LOGIN")
+
+
+def cfg(**kwargs: Any) -> Config:
+    """A Config for the tests: ``Config(**kwargs)`` offering PLAIN and LOGIN unless told."""
+    kwargs.setdefault("sasl_mechanisms", SASL)
+    return Config(**kwargs)
+
 
 # ------------------------------------------------------------ messages
 
@@ -128,7 +141,7 @@ def feed_bytewise(conn: Connection, data: bytes) -> list[Event]:
 
 def greeted(config: Config | None = None, *, tls: bool = False, apop: bool = False) -> Connection:
     """A Connection that has sent its greeting (already drained)."""
-    conn = Connection(config, tls=tls)
+    conn = Connection(config if config is not None else cfg(), tls=tls)
     conn.send(Greeting(apop_timestamp=R.RFC_TIMESTAMP if apop else None))
     conn.data_to_send()
     return conn
@@ -407,7 +420,7 @@ def run(
     """Play the client side of *script* in one *mode*, then EOF; return what the server did."""
     app = copy.deepcopy(app) if app is not None else App()
     client, _ = parse_script(script)
-    conn = Connection(config if config is not None else Config(apop=True), tls=tls)
+    conn = Connection(config if config is not None else cfg(apop=True), tls=tls)
     out = bytearray()
     conn.send(app.greeting())
     out += conn.data_to_send()

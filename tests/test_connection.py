@@ -7,7 +7,11 @@ API misuse, streaming, pipelining and disconnects.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import replies as R
@@ -18,6 +22,7 @@ from helpers import (
     RFC_UIDS,
     App,
     b64,
+    cfg,
     chat,
     crlf,
     feed,
@@ -360,27 +365,27 @@ def capa_of(conn: Connection) -> list[str]:
 @pytest.mark.parametrize(
     ("config", "tls", "expected"),
     [
-        (Config(), False, R.CAPA_AUTHORIZATION),
-        (Config(), True, R.CAPA_AUTHORIZATION),
+        (cfg(), False, R.CAPA_AUTHORIZATION),
+        (cfg(), True, R.CAPA_AUTHORIZATION),
         (
-            Config(cleartext_auth=False),
+            cfg(cleartext_auth=False),
             False,
             R.capa("UTF8", "IMPLEMENTATION pop3proto"),
         ),
-        (Config(cleartext_auth=False), True, R.CAPA_AUTHORIZATION),
+        (cfg(cleartext_auth=False), True, R.CAPA_AUTHORIZATION),
         (
-            Config(cleartext_auth=False, sasl_mechanisms=("SCRAM-SHA-256", "PLAIN")),
+            cfg(cleartext_auth=False, sasl_mechanisms=("SCRAM-SHA-256", "PLAIN")),
             False,
             R.capa("SASL SCRAM-SHA-256", "UTF8", "IMPLEMENTATION pop3proto"),
         ),
         (
-            Config(stls=True),
+            cfg(stls=True),
             False,
             R.capa("USER", "SASL PLAIN LOGIN", "STLS", "UTF8 USER", "IMPLEMENTATION pop3proto"),
         ),
-        (Config(stls=True), True, R.CAPA_AUTHORIZATION),
+        (cfg(stls=True), True, R.CAPA_AUTHORIZATION),
         (
-            Config(login_delay=900, expire="NEVER", implementation="test 1.0"),
+            cfg(login_delay=900, expire="NEVER", implementation="test 1.0"),
             False,
             R.capa(
                 "USER",
@@ -392,12 +397,12 @@ def capa_of(conn: Connection) -> list[str]:
             ),
         ),
         (
-            Config(implementation=None, utf8=False, sasl_mechanisms=()),
+            cfg(implementation=None, utf8=False, sasl_mechanisms=()),
             False,
             R.capa("USER"),
         ),
         (
-            Config(user_command=False, expire=0),
+            cfg(user_command=False, expire=0),
             False,
             R.capa("SASL PLAIN LOGIN", "UTF8", "EXPIRE 0", "IMPLEMENTATION pop3proto"),
         ),
@@ -424,12 +429,12 @@ def test_capa_in_transaction(txn: Connection) -> None:
 
 
 def test_capa_in_transaction_with_policy() -> None:
-    conn = logged_in(Config(login_delay=900, expire=31, stls=True))
+    conn = logged_in(cfg(login_delay=900, expire=31, stls=True))
     assert capa_of(conn) == R.capa("LOGIN-DELAY 900", "EXPIRE 31", "IMPLEMENTATION pop3proto")
 
 
 def test_capa_in_transaction_is_per_user() -> None:
-    conn = logged_in(Config(login_delay=900, expire="NEVER"), login_delay=60, expire=30)
+    conn = logged_in(cfg(login_delay=900, expire="NEVER"), login_delay=60, expire=30)
     assert capa_of(conn) == R.capa("LOGIN-DELAY 60", "EXPIRE 30", "IMPLEMENTATION pop3proto")
     conn = logged_in(login_delay=0, expire="NEVER")
     assert capa_of(conn) == R.capa("LOGIN-DELAY 0", "EXPIRE NEVER", "IMPLEMENTATION pop3proto")
@@ -440,7 +445,7 @@ def test_capa_takes_no_argument(conn: Connection) -> None:
 
 
 def test_plaintext_logins_refused_without_tls() -> None:
-    conn = greeted(Config(cleartext_auth=False, apop=True), apop=True)
+    conn = greeted(cfg(cleartext_auth=False, apop=True), apop=True)
     assert chat(conn, b"USER mrose\r\n") == W(R.PLAINTEXT_DISALLOWED)
     assert chat(conn, b"PASS x\r\n") == W(R.NO_USERNAME)
     assert chat(conn, f"APOP mrose {R.RFC_DIGEST}\r\n".encode()) == W(R.PLAINTEXT_DISALLOWED)
@@ -450,7 +455,7 @@ def test_plaintext_logins_refused_without_tls() -> None:
 
 
 def test_plaintext_logins_allowed_over_tls() -> None:
-    conn = greeted(Config(cleartext_auth=False), tls=True)
+    conn = greeted(cfg(cleartext_auth=False), tls=True)
     assert conn.tls
     assert feed(conn, b"USER mrose\r\nPASS x\r\n") == [Login(username="mrose", password="x")]
     assert conn.data_to_send() == W(R.OK)
@@ -458,7 +463,7 @@ def test_plaintext_logins_allowed_over_tls() -> None:
 
 # ================================================================ STLS
 
-STLS_CONFIG = Config(stls=True)
+STLS_CONFIG = cfg(stls=True)
 CAPA_BEFORE_TLS = R.capa(
     "USER", "SASL PLAIN LOGIN", "STLS", "UTF8 USER", "IMPLEMENTATION pop3proto"
 )
@@ -546,7 +551,7 @@ def test_stls_refused_answers_the_pipelined_command() -> None:
 @pytest.mark.parametrize(
     ("config", "tls", "line", "reply"),
     [
-        (Config(), False, b"STLS\r\n", R.STLS_DISABLED),
+        (cfg(), False, b"STLS\r\n", R.STLS_DISABLED),
         (STLS_CONFIG, True, b"STLS\r\n", R.TLS_ACTIVE),
         (STLS_CONFIG, False, b"STLS now\r\n", R.SYNTAX),
     ],
@@ -560,7 +565,7 @@ def test_stls_after_login_is_refused() -> None:
 
 
 def test_stls_keeps_auth_failure_count() -> None:
-    conn = greeted(Config(stls=True, max_auth_failures=2))
+    conn = greeted(cfg(stls=True, max_auth_failures=2))
     assert feed(conn, b"USER a\r\nPASS b\r\n") == [Login(username="a", password="b")]
     conn.send(Err())
     assert feed(conn, b"STLS\r\n") == [StartTLS()]
@@ -649,14 +654,14 @@ S: {R.BAD_BASE64}
 C: CAPA
 {server_says(R.CAPA_AUTHORIZATION)}
 """
-    result = transcript(script, config=Config(max_auth_failures=5))
+    result = transcript(script, config=cfg(max_auth_failures=5))
     assert result.conn.stats.auth_failures == 2
 
 
 def test_auth_abort_is_an_event_for_the_application() -> None:
     # RFC 5034: "*" cancels; the application hears of it (failed-login
     # accounting, delays, logs) and answers with the -ERR.
-    conn = greeted(Config(max_auth_failures=2, sasl_mechanisms=("LOGIN",)))
+    conn = greeted(cfg(max_auth_failures=2, sasl_mechanisms=("LOGIN",)))
     assert feed(conn, b"AUTH LOGIN\r\n") == [AuthStart(mechanism="LOGIN", initial_response=None)]
     conn.send(SaslChallenge(data=b"Username:"))
     assert feed(conn, b"*\r\nCAPA\r\n") == [AuthAborted(mechanism="LOGIN")]
@@ -725,7 +730,7 @@ def test_auth_answered_without_username_leaves_it_unset(conn: Connection) -> Non
 
 
 def test_sasl_challenge_again_after_response() -> None:
-    conn = greeted(Config(sasl_mechanisms=("X-TEST",)))
+    conn = greeted(cfg(sasl_mechanisms=("X-TEST",)))
     assert feed(conn, b"AUTH X-TEST\r\n") == [AuthStart(mechanism="X-TEST", initial_response=None)]
     conn.send(SaslChallenge(data=b"one"))
     assert feed(conn, b"\r\n") == [AuthResponse(data=b"")]
@@ -766,7 +771,7 @@ C: CAPA
     ],
 )
 def test_login_refusals(err: Err, line: str) -> None:
-    conn = greeted(Config(max_auth_failures=1))
+    conn = greeted(cfg(max_auth_failures=1))
     assert feed(conn, b"USER u\r\nPASS p\r\n") == [Login(username="u", password="p")]
     conn.send(err)
     assert conn.data_to_send() == W(R.OK, line)
@@ -776,7 +781,7 @@ def test_login_refusals(err: Err, line: str) -> None:
 
 
 def test_auth_line_may_exceed_the_command_limit() -> None:
-    config = Config(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
+    config = cfg(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
     conn = greeted(config)
     initial = b64("\0mrose\0" + "p" * 60)
     line = f"AUTH PLAIN {initial}\r\n".encode()
@@ -786,7 +791,7 @@ def test_auth_line_may_exceed_the_command_limit() -> None:
 
 
 def test_auth_line_over_the_sasl_limit() -> None:
-    config = Config(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
+    config = cfg(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
     conn = greeted(config)
     line = b"AUTH PLAIN " + b"A" * 116 + b"\r\n"
     assert len(line) == 129
@@ -797,7 +802,7 @@ def test_auth_line_over_the_sasl_limit() -> None:
 
 
 def test_sasl_continuation_line_limits() -> None:
-    config = Config(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
+    config = cfg(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
     conn = greeted(config)
     assert feed(conn, b"AUTH PLAIN\r\n") == [AuthStart(mechanism="PLAIN", initial_response=None)]
     conn.send(SaslChallenge())
@@ -813,7 +818,7 @@ def test_sasl_continuation_line_limits() -> None:
 
 
 def test_sasl_continuation_too_long_to_buffer() -> None:
-    config = Config(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
+    config = cfg(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
     conn = greeted(config)
     feed(conn, b"AUTH PLAIN\r\n")
     conn.send(SaslChallenge())
@@ -887,7 +892,7 @@ def test_failed_user_forgets_the_previous_one(conn: Connection) -> None:
 
 
 def test_utf8_unavailable_or_misplaced() -> None:
-    assert chat(greeted(Config(utf8=False)), b"UTF8\r\n") == W(R.UTF8_UNAVAILABLE)
+    assert chat(greeted(cfg(utf8=False)), b"UTF8\r\n") == W(R.UTF8_UNAVAILABLE)
     assert chat(greeted(), b"UTF8 on\r\n") == W(R.SYNTAX)
     assert chat(logged_in(), b"UTF8\r\n") == W(R.WRONG_STATE)
 
@@ -912,7 +917,7 @@ def test_utf8_unavailable_or_misplaced() -> None:
     ],
 )
 def test_authorization_argument_errors(line: bytes, reply: str) -> None:
-    conn = greeted(Config(apop=True), apop=True)
+    conn = greeted(cfg(apop=True), apop=True)
     assert chat(conn, line) == W(reply)
     assert conn.phase is Phase.AUTHORIZATION
 
@@ -924,13 +929,13 @@ def test_pass_keeps_spaces(conn: Connection) -> None:
 
 
 def test_user_command_disabled() -> None:
-    conn = greeted(Config(user_command=False))
+    conn = greeted(cfg(user_command=False))
     assert chat(conn, b"USER mrose\r\nPASS x\r\n") == W(R.USER_DISABLED, R.NO_USERNAME)
 
 
 @pytest.mark.parametrize(
     ("config", "apop"),
-    [(Config(apop=False), True), (Config(apop=True), False)],
+    [(cfg(apop=False), True), (cfg(apop=True), False)],
     ids=["config-off", "no-timestamp"],
 )
 def test_apop_unavailable(config: Config, apop: bool) -> None:
@@ -939,7 +944,7 @@ def test_apop_unavailable(config: Config, apop: bool) -> None:
 
 
 def test_apop_event_and_greeting_without_text() -> None:
-    conn = Connection(Config(apop=True))
+    conn = Connection(cfg(apop=True))
     conn.send(Greeting(text="", apop_timestamp=R.RFC_TIMESTAMP))
     assert conn.data_to_send() == W(f"+OK {R.RFC_TIMESTAMP}")
     event = ApopLogin(username="mrose", digest=R.RFC_DIGEST)
@@ -1083,7 +1088,7 @@ def test_good_commands_reset_the_bad_count(conn: Connection) -> None:
 
 
 def test_too_many_bad_commands_after_login() -> None:
-    conn = logged_in(Config(max_bad_commands=3, max_bad_commands_before_login=1))
+    conn = logged_in(cfg(max_bad_commands=3, max_bad_commands_before_login=1))
     assert chat(conn, b"FOO\r\nSTAT 1\r\nNOOP\r\nUSER x\r\nRETR\r\n") == W(
         R.UNKNOWN, R.SYNTAX, R.OK, R.WRONG_STATE, R.SYNTAX
     )
@@ -1095,7 +1100,7 @@ def test_too_many_bad_commands_after_login() -> None:
 @pytest.mark.parametrize("logged", [False, True])
 def test_line_too_long(logged: bool) -> None:
     # Like Dovecot: -ERR in the line's place, and the session reads on.
-    config = Config(max_bad_commands_before_login=5)
+    config = cfg(max_bad_commands_before_login=5)
     conn = logged_in(config) if logged else greeted(config)
     exact = b"NOOP " + b"x" * 248 + b"\r\n"
     assert len(exact) == 255
@@ -1114,7 +1119,7 @@ def test_line_too_long_is_no_pass_after_user() -> None:
 
 
 def test_line_too_long_counts_as_a_bad_command() -> None:
-    conn = greeted(Config(max_bad_commands_before_login=2))
+    conn = greeted(cfg(max_bad_commands_before_login=2))
     assert chat(conn, b"X" * 300 + b"\r\n") == W(R.LINE_TOO_LONG)
     with pytest.raises(RemoteProtocolError, match="Too many bad commands"):
         feed(conn, b"Y" * 300 + b"\r\n")
@@ -1122,7 +1127,7 @@ def test_line_too_long_counts_as_a_bad_command() -> None:
 
 
 def test_partial_line_over_the_limit_is_skipped() -> None:
-    config = Config(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
+    config = cfg(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
     conn = greeted(config)
     assert feed(conn, b"CAPA\r\nAUTH PLAIN " + b"A" * 116) == []  # 127 octets, no LF yet
     assert conn.data_to_send() == W(*R.CAPA_AUTHORIZATION)
@@ -1137,7 +1142,7 @@ def test_partial_line_over_the_limit_is_skipped() -> None:
 
 
 def test_a_line_that_never_ends_closes() -> None:
-    config = Config(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
+    config = cfg(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
     conn = greeted(config)
     feed(conn, b"A" * 1000)
     feed(conn, b"A" * 23)  # 1023 octets: its LF could still come within 1024
@@ -1156,7 +1161,7 @@ def test_eof_while_skipping_a_long_line() -> None:
 
 
 def test_stls_forgets_a_line_being_skipped() -> None:
-    conn = greeted(Config(stls=True))
+    conn = greeted(cfg(stls=True))
     assert feed(conn, b"STLS\r\n") == [StartTLS()]
     conn.receive_data(b"X" * 10000)  # plaintext injection, still unread
     conn.send(Ok())
@@ -1176,7 +1181,7 @@ def test_nul_in_command(line: bytes) -> None:
 
 
 def test_too_much_input_in_one_packet() -> None:
-    config = Config(max_line_length=32, max_sasl_line_length=64, max_buffered_input=100)
+    config = cfg(max_line_length=32, max_sasl_line_length=64, max_buffered_input=100)
     conn = greeted(config)
     packet = b"USER a\r\n" * 11 + b"USER abcde\r\n"
     assert len(packet) == 100
@@ -1188,7 +1193,7 @@ def test_too_much_input_in_one_packet() -> None:
 
 
 def test_too_much_input_while_paused() -> None:
-    config = Config(max_line_length=32, max_sasl_line_length=64, max_buffered_input=100)
+    config = cfg(max_line_length=32, max_sasl_line_length=64, max_buffered_input=100)
     conn = logged_in(config)
     assert feed(conn, b"RETR 1\r\nNOOP\r\n") == [RetrieveMessage(number=1, key="m1", size=120)]
     conn.receive_data(b"NOOP\r\n" * 20)
@@ -1609,7 +1614,7 @@ def test_pending_event_pauses_later_commands(txn: Connection) -> None:
 
 
 def test_output_high_water_pauses_until_drained() -> None:
-    conn = greeted(Config(output_high_water=64))
+    conn = greeted(cfg(output_high_water=64))
     capa = W(*R.CAPA_AUTHORIZATION)
     assert len(capa) > 64
     assert feed(conn, b"CAPA\r\n" * 4 + b"QUIT\r\n") == []
@@ -1627,7 +1632,7 @@ def test_output_high_water_pauses_until_drained() -> None:
 
 
 def test_output_high_water_with_retr() -> None:
-    conn = logged_in(Config(output_high_water=64))
+    conn = logged_in(cfg(output_high_water=64))
     feed(conn, b"RETR 1\r\nSTAT\r\n")
     conn.send(Ok())
     conn.send(Data(data=MSG1))
@@ -1776,7 +1781,7 @@ def test_stats() -> None:
 
 def test_trace_redacts_secrets() -> None:
     seen: list[tuple[str, str]] = []
-    conn = greeted(Config(trace=lambda who, line: seen.append((who, line))))
+    conn = greeted(cfg(trace=lambda who, line: seen.append((who, line))))
     feed(conn, b"CAPA x\r\nPASS\r\nUSER mrose\r\nPASS hunter2\r\n")
     conn.send(Err(code="AUTH"))
     # A SASL answer pipelined after a refused AUTH arrives as an unknown command.
@@ -1826,7 +1831,7 @@ def test_trace_redacts_secrets() -> None:
 def test_trace_redaction_follows_the_parsers_splitting(sep: bytes) -> None:
     # Whatever whitespace the parser takes between arguments, the trace takes too.
     seen: list[tuple[str, str]] = []
-    config = Config(apop=True, trace=lambda who, line: seen.append((who, line)))
+    config = cfg(apop=True, trace=lambda who, line: seen.append((who, line)))
     conn = greeted(config, apop=True)
     digest = "c4c9334bac560ecc979e58001b3e22fb"
     events = feed(conn, b"AUTH" + b" PLAIN" + sep + b"AGEAYg==\r\n")
@@ -1848,7 +1853,7 @@ def test_trace_redaction_follows_the_parsers_splitting(sep: bytes) -> None:
 
 def test_trace_of_overlong_lines() -> None:
     seen: list[tuple[str, str]] = []
-    conn = greeted(Config(trace=lambda who, line: seen.append((who, line))))
+    conn = greeted(cfg(trace=lambda who, line: seen.append((who, line))))
     secret = b64("\0mrose\0" + "p" * 9000)
     feed(conn, f"PASS {secret}\r\n".encode())
     feed(conn, b"AUTH PLAIN\r\n")
@@ -1963,3 +1968,76 @@ def test_a_malformed_pass_ends_the_user_pass_pair(conn: Connection) -> None:
     assert chat(conn, b"PASS\r\n") == W(R.SYNTAX)
     assert chat(conn, b"PASS secret\r\n") == W(R.NO_USERNAME)
     assert conn.pending is None
+
+
+# ================================================================ the README's example
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_example() -> str:
+    """The code of README.md's "The core in 25 lines" section."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"## The core in 25 lines\n\n```python\n(.*?)```", text, re.S)
+    assert match is not None
+    return match.group(1)
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [
+        (b"USER bob\r\nPASS secret\r\nSTAT\r\nRETR 1\r\nTOP 1 0\r\nQUIT\r\n", "..dots"),
+        (b"USER bob\r\nPASS wrong\r\nQUIT\r\n", "-ERR [AUTH] Authentication failed."),
+        (b"AUTH PLAIN AGJvYgBzZWNyZXQ=\r\nAUTH PLAIN\r\n*\r\nQUIT\r\n", R.UNSUPPORTED_MECHANISM),
+        (b"STLS\r\nQUIT\r\n", R.STLS_DISABLED),
+        (b"APOP bob c4c9334bac560ecc979e58001b3e22fb\r\nQUIT\r\n", R.APOP_UNAVAILABLE),
+        (b"\xff\xfe\x01garbage\r\nHELO\r\n\x1b[2J\r\nXYZZY\r\n", R.TOO_MANY_BAD),
+        (b"NOOP\x00\r\n", R.NUL_IN_COMMAND),
+        (b"USER bob\r\nPASS secret\r\n" + b"LIST\r\n" * 20000, "+OK 1 messages"),
+        (b"", "+OK POP3 ready."),  # EOF at once
+    ],
+    ids=["session", "bad-password", "auth", "stls", "apop", "garbage", "nul", "flood", "eof"],
+)
+def test_readme_example_ends_on_any_input(client: bytes, expected: str) -> None:
+    """The README's loop answers whatever a client sends, and ends (never spins)."""
+    code = readme_example()
+    assert len(re.findall(r"(?m)^client = ", code)) == 1
+    code = re.sub(r"(?m)^client = .*$", lambda _: f"client = {client!r}", code)
+    result = subprocess.run(
+        [sys.executable, "-"], input=code.encode(), cwd=ROOT, capture_output=True, timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    out = result.stdout.decode()
+    assert out.startswith("+OK POP3 ready.")
+    assert expected in out
+
+
+def test_a_bare_config_offers_nothing_the_application_must_implement() -> None:
+    assert Config().sasl_mechanisms == ()
+    conn = Connection()
+    conn.send(Greeting())
+    conn.data_to_send()
+    capa = chat(conn, b"CAPA\r\n")
+    assert b"SASL" not in capa
+    assert b"STLS" not in capa
+    assert chat(conn, b"AUTH PLAIN AGEAYg==\r\nAUTH\r\n") == W(R.UNSUPPORTED_MECHANISM, "+OK", ".")
+
+
+def test_public_names() -> None:
+    import pop3proto
+
+    assert not {"Sentinel", "Stats", "DotStuffer", "WireSizer"} & set(pop3proto.__all__)
+    assert "AuthAborted" in pop3proto.__all__
+    for name in pop3proto.__all__:
+        assert getattr(pop3proto, name) is not None
+    # Internals left __all__ but old imports keep working.
+    from pop3proto import DotStuffer, Sentinel, Stats, WireSizer
+    from pop3proto._connection import Sentinel as S
+    from pop3proto._connection import Stats as T
+    from pop3proto._writers import DotStuffer as D
+    from pop3proto._writers import WireSizer as Z
+
+    assert (Sentinel, Stats, DotStuffer, WireSizer) == (S, T, D, Z)
+    with pytest.raises(AttributeError):
+        pop3proto.NoSuchName  # noqa: B018

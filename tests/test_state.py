@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import replies as R
-from helpers import feed, greeted, logged_in, next_events
+from helpers import cfg, feed, greeted, logged_in, next_events
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -38,12 +38,12 @@ from pop3proto import (
     Response,
     RetrieveMessage,
     SaslChallenge,
-    Sentinel,
     TopOfMessage,
 )
+from pop3proto._connection import Sentinel
 from pop3proto._state import ANSWERS, COMMANDS, KNOWN_COMMANDS
 
-CONFIG = Config(apop=True, stls=True, max_bad_commands_before_login=1)
+CONFIG = cfg(apop=True, stls=True, max_bad_commands_before_login=1)
 
 
 def _greeting() -> Connection:
@@ -124,7 +124,7 @@ SITUATIONS: dict[str, Callable[[], Connection]] = {
     "closed-by-eof": _script(b""),
     "closed-by-disconnect": _script(b"CAPA\r\n", Disconnect(text="bye")),
     "closed-by-auth-failures": _script(
-        b"AUTH PLAIN =\r\n", Err(), config=Config(max_auth_failures=1)
+        b"AUTH PLAIN =\r\n", Err(), config=cfg(max_auth_failures=1)
     ),
     "refused-greeting": _greeting_refused,
     "error-misuse": _misused,

@@ -13,8 +13,8 @@ from helpers import MSG1, MSG2, crlf, top_oracle, unstuff
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pop3proto import DotStuffer, WireSizer, wire_size
-from pop3proto._writers import TopLimiter, status_line
+from pop3proto import wire_size
+from pop3proto._writers import DotStuffer, TopLimiter, WireSizer, status_line
 
 # ------------------------------------------------------------ status lines
 
