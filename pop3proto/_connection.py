@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Final, NoReturn
 
 from ._config import PLAINTEXT_MECHANISMS, Config
-from ._errors import LocalProtocolError, RemoteProtocolError
+from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._events import (
     ApopLogin,
     AuthAborted,
@@ -115,6 +115,8 @@ class Connection:
         self._reply = Reply.IDLE
         self._pending: Event | None = None
         self._error: RemoteProtocolError | None = None
+        #: Why the connection is in ERROR (for the LocalProtocolError of later calls).
+        self._why = ""
         self._tls = tls
         self._utf8 = False
         self._user: str | None = None
@@ -211,15 +213,28 @@ class Connection:
         Raises:
             RemoteProtocolError: the client broke framing beyond repair; the
                 final ``-ERR`` is queued.  Raised again on every later call.
-            LocalProtocolError: our side is in ERROR after an API misuse.
+            LocalProtocolError: our side is in ERROR; the message says why
+                (an API misuse, ``send_failed()``, an exception raised inside).
+
+        An exception other than a ProtocolError raised inside (by a trace
+        callback, say) leaves the connection in ERROR, never half-updated.
 
         After any call into a Connection, write out ``data_to_send()``.
         """
+        try:
+            return self._next_event()
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            self._broken(f"an unexpected {type(exc).__name__} inside next_event(): {exc}")
+            raise
+
+    def _next_event(self) -> Event | Sentinel:
         if self._error is not None:
             raise self._error
         phase = self._phase
         if phase is Phase.ERROR:
-            raise LocalProtocolError("connection is in ERROR after an API misuse")
+            raise LocalProtocolError(f"connection is in ERROR after {self._why}")
         if phase is Phase.CLOSED:
             return _CLOSED_EVENT
         if self._pending is not None or phase is Phase.GREETING:
@@ -259,13 +274,23 @@ class Connection:
         Raises:
             LocalProtocolError: the response does not fit the state (no event
                 pending, Data outside a block, ...).  The connection moves to
-                ERROR and every later call raises.
+                ERROR and every later call raises.  So does any other
+                exception raised inside (by a trace callback, say).
 
         After any call into a Connection, write out ``data_to_send()``.
         """
+        try:
+            self._send(response)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            self._broken(f"an unexpected {type(exc).__name__} inside send(): {exc}")
+            raise
+
+    def _send(self, response: Response) -> None:
         phase = self._phase
         if phase is Phase.ERROR:
-            raise LocalProtocolError("connection is in ERROR")
+            raise LocalProtocolError(f"connection is in ERROR after {self._why}")
         if phase is Phase.CLOSED:
             raise LocalProtocolError(f"cannot send {type(response).__name__}: connection closed")
         kind = type(response)
@@ -345,10 +370,11 @@ class Connection:
         return data
 
     def send_failed(self) -> None:
-        """The transport could not deliver our bytes: the session is over (ERROR)."""
-        self._phase = Phase.ERROR
-        self._pending = None
-        self._reply = Reply.IDLE
+        """The transport could not deliver our bytes: the session is over (ERROR).
+
+        Later calls raise LocalProtocolError saying the transport failed.
+        """
+        self._broken("send_failed(): the transport could not deliver our bytes")
 
     # ------------------------------------------------------------ internals
 
@@ -365,14 +391,21 @@ class Connection:
         self._reply = Reply.IDLE
         self._sasl = False
 
-    def _misuse(self, msg: str) -> NoReturn:
+    def _broken(self, why: str) -> None:
+        """Move to ERROR for good; *why* goes into every later LocalProtocolError."""
         self._phase = Phase.ERROR
+        self._pending = None
+        self._reply = Reply.IDLE
+        self._sasl = False
+        self._why = why
+
+    def _misuse(self, msg: str) -> NoReturn:
+        self._broken(f"an API misuse: {msg}")
         raise LocalProtocolError(msg)
 
     def _fatal(self, text: str) -> NoReturn:
         self._write(status_line(False, text))
-        self._phase = Phase.ERROR
-        self._pending = None
+        self._broken(f"the client's protocol error: {text}")
         self._error = RemoteProtocolError(text, response_hint=text)
         raise self._error
 

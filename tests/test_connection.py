@@ -2041,3 +2041,69 @@ def test_public_names() -> None:
     assert (Sentinel, Stats, DotStuffer, WireSizer) == (S, T, D, Z)
     with pytest.raises(AttributeError):
         pop3proto.NoSuchName  # noqa: B018
+
+
+# ================================================================ errors: whose, and after what
+
+
+def test_after_send_failed_calls_say_the_transport_failed() -> None:
+    conn = logged_in()
+    conn.send_failed()
+    assert conn.phase is Phase.ERROR
+    with pytest.raises(LocalProtocolError, match="transport could not deliver"):
+        conn.next_event()
+    with pytest.raises(LocalProtocolError, match="transport could not deliver"):
+        conn.send(Ok())
+
+
+def test_after_a_misuse_calls_say_it_was_a_misuse() -> None:
+    conn = greeted()
+    with pytest.raises(LocalProtocolError, match="no event pending"):
+        conn.send(Ok())
+    with pytest.raises(LocalProtocolError, match="API misuse: Ok sent with no event pending"):
+        conn.next_event()
+
+
+def test_after_the_clients_error_send_says_so() -> None:
+    conn = greeted()
+    with pytest.raises(RemoteProtocolError):
+        feed(conn, b"\x00\r\n")
+    with pytest.raises(LocalProtocolError, match="client's protocol error: NUL"):
+        conn.send(Ok())
+
+
+class Boom(Exception):
+    """Raised by a trace callback."""
+
+
+def exploding_trace(who: str, line: str) -> None:
+    if line.startswith("+OK 2 320") or line == "RETR 1":
+        raise Boom(line)
+
+
+@pytest.mark.parametrize("line", [b"RETR 1\r\n", b"STAT\r\n"])
+def test_an_exception_inside_leaves_the_connection_in_error(line: bytes) -> None:
+    # RETR: the command's trace raises; STAT: the trace of its reply raises.
+    conn = logged_in(cfg(trace=exploding_trace))
+    conn.receive_data(line)
+    with pytest.raises(Boom):
+        conn.next_event()
+    assert conn.phase is Phase.ERROR
+    assert conn.pending is None
+    assert not conn.sending_lines
+    with pytest.raises(LocalProtocolError, match="unexpected Boom inside next_event"):
+        conn.next_event()
+    with pytest.raises(LocalProtocolError, match="unexpected Boom"):
+        conn.send(Ok())
+
+
+def test_an_exception_inside_send_leaves_the_connection_in_error() -> None:
+    conn = logged_in(cfg(trace=lambda who, line: None))
+    assert len(feed(conn, b"RETR 1\r\n")) == 1
+    conn.config = cfg(trace=exploding_trace)  # the next status line raises
+    with pytest.raises(Boom):
+        conn.send(Ok(text="2 320"))
+    assert conn.phase is Phase.ERROR
+    assert not conn.sending_lines
+    with pytest.raises(LocalProtocolError, match="unexpected Boom inside send"):
+        conn.send(EndOfMessage())
