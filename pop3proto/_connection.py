@@ -124,7 +124,6 @@ class Connection:
         self._maildrop: Maildrop | None = None
         self._apop_ts: str | None = None
         self._bad = 0
-        self._sasl = False
         #: The mechanism of the SASL exchange under way (set by AUTH).
         self._mechanism = ""
         self._stuffer: DotStuffer | None = None
@@ -389,14 +388,12 @@ class Connection:
         self._phase = Phase.CLOSED
         self._pending = None
         self._reply = Reply.IDLE
-        self._sasl = False
 
     def _broken(self, why: str) -> None:
         """Move to ERROR for good; *why* goes into every later LocalProtocolError."""
         self._phase = Phase.ERROR
         self._pending = None
         self._reply = Reply.IDLE
-        self._sasl = False
         self._why = why
 
     def _misuse(self, msg: str) -> NoReturn:
@@ -432,14 +429,14 @@ class Connection:
 
     def _handle_line(self, line: bytes) -> Event | None:
         if line is OVERLONG:
-            if not self._sasl:
+            if self._reply is not Reply.SASL:
                 self.stats.commands += 1
             self._line_too_long()
             return None
         if line[-1:] == b"\r":
             line = line[:-1]
         config = self.config
-        if self._sasl:
+        if self._reply is Reply.SASL:
             return self._sasl_line(line)
         self.stats.commands += 1
         if b"\x00" in line:
@@ -624,10 +621,10 @@ class Connection:
         bad one (so a stream of them still ends the session).
         """
         trace = self.config.trace
-        if self._sasl:
+        if self._reply is Reply.SASL:
             if trace is not None:
                 trace("C", "***")
-            self._sasl = False
+            self._reply = Reply.IDLE
             self._auth_failed(Err(text="Line too long."))
             return
         if trace is not None:
@@ -641,7 +638,7 @@ class Connection:
             return None
         if self.config.trace is not None:
             self.config.trace("C", "***")
-        self._sasl = False
+        self._reply = Reply.IDLE
         if line == b"*":
             return AuthAborted(mechanism=self._mechanism)
         data = decode_base64(line)
@@ -793,9 +790,9 @@ class Connection:
         if isinstance(response, SaslChallenge):
             # ANSWERS allows SaslChallenge only for AuthStart/AuthResponse.
             self._write(b"+ " + base64.b64encode(response.data) + b"\r\n")
-            self._sasl = True
+            self._reply = Reply.SASL
             return
-        self._sasl = False
+        self._reply = Reply.IDLE
         if isinstance(response, LoginAccepted):
             if response.username is not None:
                 self._username = response.username
@@ -864,29 +861,8 @@ class Connection:
             self._out_len += len(out)
 
 
-# The command table, one per phase; the keys are exactly _state.COMMANDS.
+# The handlers of _state.COMMANDS, looked up once.
 _HANDLERS: dict[Phase, dict[bytes, Callable[[Connection, bytes], Event | None]]] = {
-    Phase.AUTHORIZATION: {
-        b"USER": Connection._cmd_user,
-        b"PASS": Connection._cmd_pass,
-        b"APOP": Connection._cmd_apop,
-        b"AUTH": Connection._cmd_auth,
-        b"STLS": Connection._cmd_stls,
-        b"UTF8": Connection._cmd_utf8,
-        b"CAPA": Connection._cmd_capa,
-        b"QUIT": Connection._cmd_quit,
-    },
-    Phase.TRANSACTION: {
-        b"STAT": Connection._cmd_stat,
-        b"LIST": Connection._cmd_list,
-        b"UIDL": Connection._cmd_uidl,
-        b"RETR": Connection._cmd_retr,
-        b"TOP": Connection._cmd_top,
-        b"DELE": Connection._cmd_dele,
-        b"RSET": Connection._cmd_rset,
-        b"NOOP": Connection._cmd_noop,
-        b"QUIT": Connection._cmd_quit,
-        b"CAPA": Connection._cmd_capa,
-    },
+    phase: {keyword: getattr(Connection, "_cmd_" + name) for keyword, name in table.items()}
+    for phase, table in COMMANDS.items()
 }
-assert all(set(h) == COMMANDS[p] for p, h in _HANDLERS.items())

@@ -41,7 +41,7 @@ from pop3proto import (
     TopOfMessage,
 )
 from pop3proto._connection import Sentinel
-from pop3proto._state import ANSWERS, COMMANDS, KNOWN_COMMANDS
+from pop3proto._state import ANSWERS, COMMANDS, KNOWN_COMMANDS, NEXT
 
 CONFIG = cfg(apop=True, stls=True, max_bad_commands_before_login=1)
 
@@ -252,3 +252,31 @@ def test_tables_cover_every_event_that_waits() -> None:
     for answers in ANSWERS.values():
         assert answers
         assert Disconnect not in answers  # handled before the table, everywhere
+
+
+NEXT_SITUATIONS = {
+    "Login": "login-pending",
+    "ApopLogin": "apop-pending",
+    "AuthStart": "auth-start-pending",
+    "AuthResponse": "auth-response-pending",
+    "StartTLS": "stls-pending",
+    "Update": "update-pending",
+}
+
+
+@pytest.mark.parametrize(("event", "response"), sorted(NEXT, key=repr), ids=repr)
+def test_next_phase_table(event: type[Event], response: type[Response]) -> None:
+    """Each answer in NEXT leads where the table says (so the table cannot drift)."""
+    assert response in ANSWERS[event]
+    conn = SITUATIONS[NEXT_SITUATIONS[event.__name__]]()
+    assert type(conn.pending) is event
+    answer = LoginAccepted(maildrop=Maildrop()) if response is LoginAccepted else response()
+    conn.send(answer)
+    assert conn.phase is NEXT[(event, response)]
+
+
+def test_sasl_sub_state_reads_the_next_line_as_an_answer() -> None:
+    conn = SITUATIONS["sasl-continuation"]()
+    assert conn.pending is None
+    # "STAT" here is base64-looking data, not a command.
+    assert feed(conn, b"STAT\r\n")[0].__class__.__name__ == "AuthResponse"
