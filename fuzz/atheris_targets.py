@@ -65,6 +65,7 @@ with _instrument:
         NEED_DATA,
         PAUSED,
         ApopLogin,
+        AuthAborted,
         AuthResponse,
         AuthStart,
         Config,
@@ -194,6 +195,8 @@ class ConnectionDriver:
             conn.send(Ok() if choice < 0.5 else Err(text="no TLS"))
         elif isinstance(event, Update):
             conn.send(Ok() if choice < 0.7 else Err(code="SYS/TEMP"))
+        elif isinstance(event, AuthAborted):
+            conn.send(Err(code=rng.choice((None, "AUTH"))))
         else:
             raise AssertionError(f"unexpected event {event!r}")
 

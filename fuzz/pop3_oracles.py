@@ -7,7 +7,9 @@ line-at-a-time reading of RFC 1939 that the streaming encoders in
 * ``normalise``: what a message looks like on the wire before byte-stuffing
   (CR LF line ends, a final line end added when missing).  A bare CR inside a
   line is content; a bare CR as the very last byte is completed to CR LF,
-  which is what ``DotStuffer.end`` documents.
+  which is what ``DotStuffer.end`` documents.  An empty message is one
+  empty line (CR LF): a terminator alone would be read as data by some
+  clients.
 * ``unstuff``: what a client does with a multi-line response body.
 * ``top_wire`` / ``top_raw``: TOP's header + blank line + n body lines, on the
   normalised text and on the stored bytes.
@@ -36,8 +38,10 @@ _LINE_END = re.compile(rb"\r?\n")
 
 def normalise(message: bytes) -> bytes:
     """The message as RETR sends it, before byte-stuffing (its POP3 size is the length)."""
+    if not message:
+        return b"\r\n"
     out = _LINE_END.sub(b"\r\n", message)
-    if out and not out.endswith(b"\n"):
+    if not out.endswith(b"\n"):
         out += b"\n" if out.endswith(b"\r") else b"\r\n"
     return out
 

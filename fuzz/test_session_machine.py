@@ -22,8 +22,10 @@ reply or the event, and the machine checks:
   when missing), its length is the LIST size, and TOP gives the header, the
   blank line and at most n body lines;
 * bad commands in a row and failed logins close the session at the
-  configured limits; an over-long line, NUL, too much unread input end it
-  with ``RemoteProtocolError``.
+  configured limits; an over-long line gets ``-ERR`` in its place and counts
+  as a bad command (a failed login as a SASL answer); NUL, too much unread
+  input and a line that never ends within ``max_buffered_input`` octets end
+  the session with ``RemoteProtocolError``.
 
 Where the core departs from RFC 1939, the model follows the RFC; the main
 machine copies the core only at the points listed in ``KNOWN_CORE_BUGS``.
@@ -57,6 +59,7 @@ from pop3proto import (
     NEED_DATA,
     PAUSED,
     ApopLogin,
+    AuthAborted,
     AuthResponse,
     AuthStart,
     Config,
@@ -219,10 +222,15 @@ class Model:
         self.bad = 0
         self.failures = 0
         self.sasl = False
+        self.mechanism = ""
         self.snapshot: list[Stored] = []
         self.marked: set[int] = set()
-        self.lines: deque[bytes] = deque()
+        #: Lines received; None stands for a line too long to keep.
+        self.lines: deque[bytes | None] = deque()
         self.partial = b""
+        #: Skipping an over-long line up to its LF, and the octets dropped so far.
+        self.skipping = False
+        self.skipped = 0
         self.queued = 0
         self.eof = False
         self._keep_user = False
@@ -235,6 +243,14 @@ class Model:
         if not data:
             self.eof = True
             return
+        if self.skipping:
+            dropped, lf, data = data.partition(b"\n")
+            self.skipped += len(dropped)
+            if not lf:
+                return
+            self.skipping = False
+            self.lines.append(None)
+            self.queued += 1  # its LF
         *lines, self.partial = (self.partial + data).split(b"\n")
         self.lines.extend(lines)
         self.queued += sum(len(line) + 1 for line in lines)
@@ -243,6 +259,7 @@ class Model:
         self.lines.clear()
         self.partial = b""
         self.queued = 0
+        self.skipping = False
 
     # -- derived state
 
@@ -270,12 +287,18 @@ class Model:
             return self._fatal("<too much unread input>")
         if not self.lines:
             if len(self.partial) >= config.max_sasl_line_length:
-                return self._fatal("<over-long partial line>")
+                # Too long to keep: drop it up to its LF, answer it there.
+                self.skipping, self.skipped, self.partial = True, len(self.partial), b""
+            if self.skipping and self.skipped >= config.max_buffered_input:
+                return self._fatal("<a line that never ends>")
             if self.eof:
                 self.phase = Phase.CLOSED
                 return Step("closed")
             return Step("need_data")
         raw = self.lines.popleft()
+        if raw is None:
+            self.queued -= 1
+            return self._too_long(b"<over-long line>")
         self.queued -= len(raw) + 1
         if self.sasl:
             return self._sasl_line(raw)
@@ -295,7 +318,7 @@ class Model:
         if len(line) + 2 > config.max_line_length and (
             keyword != b"AUTH" or len(line) + 2 > config.max_sasl_line_length
         ):
-            return self._fatal(raw)
+            return self._too_long(raw)
         assert self.phase in (Phase.AUTHORIZATION, Phase.TRANSACTION)
         allowed = (
             AUTHORIZATION_COMMANDS if self.phase is Phase.AUTHORIZATION else TRANSACTION_COMMANDS
@@ -317,6 +340,18 @@ class Model:
     def _fatal(self, raw: object) -> Step:
         self.phase = Phase.ERROR
         return Step("fatal", Reply(raw, b"-ERR"))
+
+    def _too_long(self, raw: bytes) -> Step:
+        """A line over the limit: -ERR and read on (Dovecot's rule)."""
+        if self.sasl:
+            self.sasl = False
+            return self._auth_failed(raw, None, b"-ERR Line too long.")
+        self.user = None
+        step = self._bad(raw)
+        if step.kind != "fatal":
+            assert step.reply is not None
+            step.reply.line = b"-ERR Line too long."
+        return step
 
     def _bad(self, raw: bytes) -> Step:
         """Unknown, misplaced or malformed: -ERR, and too many in a row end the session."""
@@ -454,16 +489,19 @@ class Model:
             initial = b"" if args[1] == b"=" else strict_b64decode(args[1])
             if initial is None:
                 return self._auth_failed(raw, None)
-        return Step("event", event=AuthStart(mechanism=mech.decode(), initial_response=initial))
+        self.mechanism = mech.decode()
+        return Step("event", event=AuthStart(mechanism=self.mechanism, initial_response=initial))
 
     def _sasl_line(self, raw: bytes) -> Step:
         line = raw[:-1] if raw.endswith(b"\r") else raw
         if len(line) + 2 > self.config.max_sasl_line_length:
-            return self._fatal(raw)
+            return self._too_long(raw)
         self.sasl = False
-        data = None if line == b"*" else strict_b64decode(line)
+        if line == b"*":  # RFC 5034: the client cancels; the application answers
+            return Step("event", event=AuthAborted(mechanism=self.mechanism))
+        data = strict_b64decode(line)
         if data is None:
-            return self._auth_failed(raw, None)  # "*" cancels; bad base64 fails
+            return self._auth_failed(raw, None)
         return Step("event", event=AuthResponse(data=data))
 
     def _cmd_stls(self, raw: bytes, rest: bytes) -> Step:
@@ -566,7 +604,7 @@ class Model:
     def answer(self, event: Event, plan: list[Response], store: dict[str, Stored]) -> Reply:
         """The reply to *event* once the application sent *plan*; updates the state."""
         first = plan[0]
-        if isinstance(event, (Login, ApopLogin, AuthStart, AuthResponse)):
+        if isinstance(event, (Login, ApopLogin, AuthStart, AuthResponse, AuthAborted)):
             self.sasl = False
             if isinstance(first, SaslChallenge):
                 self.sasl = True
@@ -642,6 +680,11 @@ class App:
             return self._auth_start(event, draw)
         if isinstance(event, AuthResponse):
             return self._auth_response(event.data, draw)
+        if isinstance(event, AuthAborted):
+            assert event.mechanism == self.sasl[0] or self.sasl[0] == "OTHER", event
+            self.sasl = ("", None)
+            code = draw(st.sampled_from(["AUTH", None, "SYS/TEMP"]))
+            return [Err(code=code, text=draw(st.sampled_from(["", "Aborted."])))]
         if isinstance(event, StartTLS):
             return [Ok()] if draw(st.integers(0, 3)) else [Err(code="SYS/TEMP")]
         if isinstance(event, (RetrieveMessage, TopOfMessage)):
@@ -844,11 +887,14 @@ def garbage_line(draw: st.DrawFn) -> bytes:
 @st.composite
 def configs(draw: st.DrawFn) -> Config:
     """The default Config most of the time, else other offers and limits."""
-    kind = draw(st.sampled_from(["default"] * 5 + ["apop+stls", "custom", "custom", "tight"]))
+    kind = draw(st.sampled_from(["default"] * 4 + ["bare", "apop+stls", "custom", "custom",
+                                                   "tight"]))
+    if kind == "bare":
+        return Config()  # offers no SASL
     if kind == "default":
-        return Config()
+        return Config(sasl_mechanisms=("PLAIN", "LOGIN"))
     if kind == "apop+stls":
-        return Config(apop=True, stls=True)
+        return Config(apop=True, stls=True, sasl_mechanisms=("PLAIN", "LOGIN"))
     if kind == "tight":  # small line and input bounds, so they are hit
         return Config(
             max_line_length=40,
@@ -856,6 +902,7 @@ def configs(draw: st.DrawFn) -> Config:
             max_buffered_input=draw(st.sampled_from([120, 300])),
             apop=draw(st.booleans()),
             stls=draw(st.booleans()),
+            sasl_mechanisms=("PLAIN", "LOGIN"),
         )
     return Config(
         max_bad_commands_before_login=draw(st.integers(1, 5)),
@@ -939,6 +986,9 @@ class SessionMachine(RuleBasedStateMachine):
     def _trace(direction: str, text: str) -> None:
         if direction == "C" and text[:5].upper() == "PASS ":
             assert text == "PASS ***", f"password in the trace: {text!r}"
+        words = text.split(" ")
+        if direction == "C" and words[0] in ("AUTH", "APOP") and len(words) > 2:
+            assert words[2:] == ["***"], f"secret in the trace: {text!r}"
 
     def _draw(self, strategy: st.SearchStrategy[T]) -> T:
         assert self.data is not None

@@ -16,8 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pop3_oracles import draw_chunks, messages, normalise, top_raw, top_wire, unstuff
 
-from pop3proto import DotStuffer, WireSizer, wire_size
-from pop3proto._writers import TopLimiter
+from pop3proto import wire_size
+from pop3proto._writers import DotStuffer, TopLimiter, WireSizer
 
 
 def _stuff(chunks: list[bytes]) -> bytes:

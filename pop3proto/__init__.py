@@ -15,11 +15,13 @@ Map of the package:
 
 from __future__ import annotations
 
+from . import _connection, _writers
 from ._config import Config
-from ._connection import NEED_DATA, PAUSED, Connection, Sentinel, Stats
+from ._connection import NEED_DATA, PAUSED, Connection
 from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._events import (
     ApopLogin,
+    AuthAborted,
     AuthResponse,
     AuthStart,
     ConnectionClosed,
@@ -41,14 +43,32 @@ from ._events import (
 )
 from ._maildrop import Maildrop, MessageInfo
 from ._state import Phase
-from ._writers import DotStuffer, WireSizer, wire_size
+from ._writers import wire_size
 
 __version__ = "0.1.0"
+
+#: Names that left ``__all__`` (internals an embedder does not need) but
+#: still import from here, for code written against older versions.
+_MOVED = {
+    "Sentinel": _connection,
+    "Stats": _connection,
+    "DotStuffer": _writers,
+    "WireSizer": _writers,
+}
+
+
+def __getattr__(name: str) -> object:
+    """Resolve a name of ``_MOVED`` from its module (PEP 562)."""
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(module, name)
 
 __all__ = [
     "NEED_DATA",
     "PAUSED",
     "ApopLogin",
+    "AuthAborted",
     "AuthResponse",
     "AuthStart",
     "Config",
@@ -56,7 +76,6 @@ __all__ = [
     "ConnectionClosed",
     "Data",
     "Disconnect",
-    "DotStuffer",
     "EndOfMessage",
     "Err",
     "Event",
@@ -73,12 +92,9 @@ __all__ = [
     "Response",
     "RetrieveMessage",
     "SaslChallenge",
-    "Sentinel",
     "StartTLS",
-    "Stats",
     "TopOfMessage",
     "Update",
-    "WireSizer",
     "__version__",
     "wire_size",
 ]

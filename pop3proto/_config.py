@@ -23,8 +23,13 @@ class Config:
     Attributes:
         implementation: the CAPA ``IMPLEMENTATION`` text, or None to omit it.
         max_line_length: longest command line in octets, CRLF included
-            (RFC 2449: 255).  A longer line ends the session.
-        max_sasl_line_length: longest AUTH command or SASL continuation line.
+            (RFC 2449: 255).  A longer line is answered ``-ERR Line too
+            long.`` and counts as a bad command; the session reads on.
+        max_sasl_line_length: longest AUTH command or SASL continuation line
+            (a longer SASL answer fails the exchange).  A partial line is
+            held up to this length; past it, its octets are dropped up to
+            the line's end, and a line that does not end within
+            ``max_buffered_input`` octets ends the session.
         max_bad_commands_before_login: unknown/misplaced/malformed commands in
             a row tolerated in AUTHORIZATION before the session is closed.
         max_bad_commands: the same after login.
@@ -55,7 +60,7 @@ class Config:
     output_high_water: int = 1 << 16
     user_command: bool = True
     apop: bool = False
-    sasl_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    sasl_mechanisms: tuple[str, ...] = ()
     cleartext_auth: bool = True
     stls: bool = False
     utf8: bool = True

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import base64
 import enum
+import re
 import unicodedata
 from collections.abc import Callable
 from typing import Final, NoReturn
 
 from ._config import PLAINTEXT_MECHANISMS, Config
-from ._errors import LocalProtocolError, RemoteProtocolError
+from ._errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._events import (
     ApopLogin,
+    AuthAborted,
     AuthResponse,
     AuthStart,
     ConnectionClosed,
@@ -44,7 +46,7 @@ from ._events import (
 )
 from ._maildrop import Maildrop
 from ._readers import decode_base64, parse_number, parse_username
-from ._receivebuffer import ReceiveBuffer
+from ._receivebuffer import OVERLONG, ReceiveBuffer
 from ._state import ANSWERS, COMMANDS, KNOWN_COMMANDS, Phase, Reply
 from ._writers import DotStuffer, TopLimiter, status_line
 
@@ -65,7 +67,14 @@ PAUSED: Final = Sentinel.PAUSED
 
 _CLOSED_EVENT = ConnectionClosed()
 _HEX = frozenset("0123456789abcdef")
-_LOGIN_EVENTS = (Login, ApopLogin, AuthStart, AuthResponse)
+_LOGIN_EVENTS = (Login, ApopLogin, AuthStart, AuthResponse, AuthAborted)
+#: How every command but PASS splits its arguments (any run of ASCII
+#: whitespace); the trace's redaction uses the same function.
+_split_args: Final = bytes.split
+#: Commands whose arguments after the first are secrets.
+_SECRET_AFTER_FIRST = frozenset({b"AUTH", b"APOP"})
+#: A SASL mechanism name (RFC 4422 section 3.1), any case.
+_MECH_NAME = re.compile(rb"[A-Za-z0-9_-]{1,20}")
 
 
 class Stats:
@@ -106,6 +115,8 @@ class Connection:
         self._reply = Reply.IDLE
         self._pending: Event | None = None
         self._error: RemoteProtocolError | None = None
+        #: Why the connection is in ERROR (for the LocalProtocolError of later calls).
+        self._why = ""
         self._tls = tls
         self._utf8 = False
         self._user: str | None = None
@@ -113,7 +124,8 @@ class Connection:
         self._maildrop: Maildrop | None = None
         self._apop_ts: str | None = None
         self._bad = 0
-        self._sasl = False
+        #: The mechanism of the SASL exchange under way (set by AUTH).
+        self._mechanism = ""
         self._stuffer: DotStuffer | None = None
         self._top: TopLimiter | None = None
         self._login_delay = self.config.login_delay
@@ -162,6 +174,21 @@ class Connection:
         """False once a TOP block has all it will send: stop reading the message."""
         return self._reply is Reply.SENDING_LINES and not (self._top and self._top.done)
 
+    @property
+    def partial_line(self) -> bool:
+        """Whether the input so far ends inside a line (bytes of it are buffered or skipped).
+
+        A host may use it after ``receive_data`` to acknowledge at once when
+        a client's command arrives in pieces (``TCP_QUICKACK``, as Dovecot
+        does), instead of waiting for a delayed ACK.
+        """
+        return self._buf.partial_line
+
+    @property
+    def buffered_output(self) -> int:
+        """Octets waiting in ``data_to_send()`` (a host flushes a long message in chunks)."""
+        return self._out_len
+
     # ------------------------------------------------------------ input
 
     def receive_data(self, data: bytes) -> None:
@@ -190,15 +217,28 @@ class Connection:
         Raises:
             RemoteProtocolError: the client broke framing beyond repair; the
                 final ``-ERR`` is queued.  Raised again on every later call.
-            LocalProtocolError: our side is in ERROR after an API misuse.
+            LocalProtocolError: our side is in ERROR; the message says why
+                (an API misuse, ``send_failed()``, an exception raised inside).
+
+        An exception other than a ProtocolError raised inside (by a trace
+        callback, say) leaves the connection in ERROR, never half-updated.
 
         After any call into a Connection, write out ``data_to_send()``.
         """
+        try:
+            return self._next_event()
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            self._broken(f"an unexpected {type(exc).__name__} inside next_event(): {exc}")
+            raise
+
+    def _next_event(self) -> Event | Sentinel:
         if self._error is not None:
             raise self._error
         phase = self._phase
         if phase is Phase.ERROR:
-            raise LocalProtocolError("connection is in ERROR after an API misuse")
+            raise LocalProtocolError(f"connection is in ERROR after {self._why}")
         if phase is Phase.CLOSED:
             return _CLOSED_EVENT
         if self._pending is not None or phase is Phase.GREETING:
@@ -215,7 +255,10 @@ class Connection:
             line = buf.next_line()
             if line is None:
                 if buf.partial_length >= config.max_sasl_line_length:
-                    self._fatal("Line too long.")
+                    # Too long for any line: skip to its end, answer it there.
+                    buf.skip_partial()
+                if buf.skipping and buf.skipped >= config.max_buffered_input:
+                    self._fatal("Line too long.")  # a "line" that never ends
                 if buf.eof:
                     self._phase = Phase.CLOSED
                     return _CLOSED_EVENT
@@ -235,13 +278,23 @@ class Connection:
         Raises:
             LocalProtocolError: the response does not fit the state (no event
                 pending, Data outside a block, ...).  The connection moves to
-                ERROR and every later call raises.
+                ERROR and every later call raises.  So does any other
+                exception raised inside (by a trace callback, say).
 
         After any call into a Connection, write out ``data_to_send()``.
         """
+        try:
+            self._send(response)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            self._broken(f"an unexpected {type(exc).__name__} inside send(): {exc}")
+            raise
+
+    def _send(self, response: Response) -> None:
         phase = self._phase
         if phase is Phase.ERROR:
-            raise LocalProtocolError("connection is in ERROR")
+            raise LocalProtocolError(f"connection is in ERROR after {self._why}")
         if phase is Phase.CLOSED:
             raise LocalProtocolError(f"cannot send {type(response).__name__}: connection closed")
         kind = type(response)
@@ -321,10 +374,11 @@ class Connection:
         return data
 
     def send_failed(self) -> None:
-        """The transport could not deliver our bytes: the session is over (ERROR)."""
-        self._phase = Phase.ERROR
-        self._pending = None
-        self._reply = Reply.IDLE
+        """The transport could not deliver our bytes: the session is over (ERROR).
+
+        Later calls raise LocalProtocolError saying the transport failed.
+        """
+        self._broken("send_failed(): the transport could not deliver our bytes")
 
     # ------------------------------------------------------------ internals
 
@@ -339,16 +393,21 @@ class Connection:
         self._phase = Phase.CLOSED
         self._pending = None
         self._reply = Reply.IDLE
-        self._sasl = False
+
+    def _broken(self, why: str) -> None:
+        """Move to ERROR for good; *why* goes into every later LocalProtocolError."""
+        self._phase = Phase.ERROR
+        self._pending = None
+        self._reply = Reply.IDLE
+        self._why = why
 
     def _misuse(self, msg: str) -> NoReturn:
-        self._phase = Phase.ERROR
+        self._broken(f"an API misuse: {msg}")
         raise LocalProtocolError(msg)
 
     def _fatal(self, text: str) -> NoReturn:
         self._write(status_line(False, text))
-        self._phase = Phase.ERROR
-        self._pending = None
+        self._broken(f"the client's protocol error: {text}")
         self._error = RemoteProtocolError(text, response_hint=text)
         raise self._error
 
@@ -374,10 +433,15 @@ class Connection:
         ]
 
     def _handle_line(self, line: bytes) -> Event | None:
+        if line is OVERLONG:
+            if self._reply is not Reply.SASL:
+                self.stats.commands += 1
+            self._line_too_long()
+            return None
         if line[-1:] == b"\r":
             line = line[:-1]
         config = self.config
-        if self._sasl:
+        if self._reply is Reply.SASL:
             return self._sasl_line(line)
         self.stats.commands += 1
         if b"\x00" in line:
@@ -387,7 +451,8 @@ class Connection:
         if len(line) + 2 > config.max_line_length and (
             keyword != b"AUTH" or len(line) + 2 > config.max_sasl_line_length
         ):
-            self._fatal("Line too long.")
+            self._line_too_long()
+            return None
         if config.trace is not None and keyword in KNOWN_COMMANDS:
             self._trace_command(keyword, rest)
         if self._user is not None and keyword != b"PASS":
@@ -405,18 +470,31 @@ class Connection:
         return handler(self, rest)
 
     def _trace_command(self, keyword: bytes, rest: bytes) -> None:
+        """Trace a known command, its secrets redacted by the parser's own splitting."""
         assert self.config.trace is not None
         shown = keyword.decode("ascii", "replace")
-        if keyword == b"PASS" and rest:
-            shown += " ***"
-        elif keyword == b"AUTH" and b" " in rest.strip():
-            shown += " " + rest.split()[0].decode("ascii", "replace") + " ***"
+        if keyword == b"PASS":
+            # PASS takes the rest of the line, spaces and all.
+            if rest:
+                shown += " ***"
+        elif keyword in _SECRET_AFTER_FIRST:
+            # AUTH mech [initial-response], APOP name digest: _syntax splits
+            # these with _split_args, so the redaction does too.
+            args = _split_args(rest)
+            if args:
+                first = args[0]
+                if keyword == b"AUTH" and not _MECH_NAME.fullmatch(first):
+                    shown += " ***"  # not a mechanism name: maybe a misplaced secret
+                else:
+                    shown += " " + first.decode("utf-8", "replace")
+                if len(args) > 1:
+                    shown += " ***"
         elif rest:
             shown += " " + rest.decode("utf-8", "replace")
         self.config.trace("C", shown)
 
     def _syntax(self, rest: bytes, nargs: tuple[int, ...]) -> list[bytes] | None:
-        args = rest.split()
+        args = _split_args(rest)
         if len(args) in nargs:
             self._bad = 0
             return args
@@ -538,17 +616,36 @@ class Connection:
             if initial is None:
                 self._auth_failed(Err(text="Invalid base64 data in initial response."))
                 return None
+        self._mechanism = mech
         return AuthStart(mechanism=mech, initial_response=initial)
+
+    def _line_too_long(self) -> None:
+        """A line over the limit: -ERR in its place, and the session reads on.
+
+        As a SASL answer it fails the exchange; as a command it counts as a
+        bad one (so a stream of them still ends the session).
+        """
+        trace = self.config.trace
+        if self._reply is Reply.SASL:
+            if trace is not None:
+                trace("C", "***")
+            self._reply = Reply.IDLE
+            self._auth_failed(Err(text="Line too long."))
+            return
+        if trace is not None:
+            trace("C", "(line too long)")
+        self._user = None  # it was not PASS
+        self._bad_command("Line too long.")
 
     def _sasl_line(self, line: bytes) -> Event | None:
         if len(line) + 2 > self.config.max_sasl_line_length:
-            self._fatal("Line too long.")
+            self._line_too_long()
+            return None
         if self.config.trace is not None:
             self.config.trace("C", "***")
-        self._sasl = False
+        self._reply = Reply.IDLE
         if line == b"*":
-            self._auth_failed(Err(text="Authentication aborted."))
-            return None
+            return AuthAborted(mechanism=self._mechanism)
         data = decode_base64(line)
         if data is None:
             self._auth_failed(Err(text="Invalid base64 data."))
@@ -698,9 +795,9 @@ class Connection:
         if isinstance(response, SaslChallenge):
             # ANSWERS allows SaslChallenge only for AuthStart/AuthResponse.
             self._write(b"+ " + base64.b64encode(response.data) + b"\r\n")
-            self._sasl = True
+            self._reply = Reply.SASL
             return
-        self._sasl = False
+        self._reply = Reply.IDLE
         if isinstance(response, LoginAccepted):
             if response.username is not None:
                 self._username = response.username
@@ -716,9 +813,14 @@ class Connection:
             self._write(status_line(True, response.text))
             return
         assert isinstance(response, Err)
-        self._auth_failed(
-            response if response.text else Err(text="Authentication failed.", code=response.code)
-        )
+        if not response.text:
+            text = (
+                "Authentication aborted."
+                if isinstance(pending, AuthAborted)
+                else "Authentication failed."
+            )
+            response = Err(text=text, code=response.code)
+        self._auth_failed(response)
 
     def _answer_message(self, pending: RetrieveMessage | TopOfMessage, response: Response) -> None:
         kind = type(response)
@@ -764,29 +866,8 @@ class Connection:
             self._out_len += len(out)
 
 
-# The command table, one per phase; the keys are exactly _state.COMMANDS.
+# The handlers of _state.COMMANDS, looked up once.
 _HANDLERS: dict[Phase, dict[bytes, Callable[[Connection, bytes], Event | None]]] = {
-    Phase.AUTHORIZATION: {
-        b"USER": Connection._cmd_user,
-        b"PASS": Connection._cmd_pass,
-        b"APOP": Connection._cmd_apop,
-        b"AUTH": Connection._cmd_auth,
-        b"STLS": Connection._cmd_stls,
-        b"UTF8": Connection._cmd_utf8,
-        b"CAPA": Connection._cmd_capa,
-        b"QUIT": Connection._cmd_quit,
-    },
-    Phase.TRANSACTION: {
-        b"STAT": Connection._cmd_stat,
-        b"LIST": Connection._cmd_list,
-        b"UIDL": Connection._cmd_uidl,
-        b"RETR": Connection._cmd_retr,
-        b"TOP": Connection._cmd_top,
-        b"DELE": Connection._cmd_dele,
-        b"RSET": Connection._cmd_rset,
-        b"NOOP": Connection._cmd_noop,
-        b"QUIT": Connection._cmd_quit,
-        b"CAPA": Connection._cmd_capa,
-    },
+    phase: {keyword: getattr(Connection, "_cmd_" + name) for keyword, name in table.items()}
+    for phase, table in COMMANDS.items()
 }
-assert all(set(h) == COMMANDS[p] for p, h in _HANDLERS.items())

@@ -12,12 +12,13 @@ UIDL, DELE, RSET, NOOP, USER, every -ERR) never become events.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ._maildrop import Maildrop
 
 __all__ = [
     "ApopLogin",
+    "AuthAborted",
     "AuthResponse",
     "AuthStart",
     "ConnectionClosed",
@@ -70,7 +71,8 @@ class Login(Event):
     #: The name from USER (NFKC-normalised after UTF8).
     username: str
     #: The PASS argument; undecodable octets survive as surrogate escapes.
-    password: str
+    #: Left out of the repr, like every secret an event carries.
+    password: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,8 +80,8 @@ class ApopLogin(Event):
     """APOP name digest.  Check with ``auth.verify_apop`` and the greeting's timestamp."""
 
     username: str
-    #: 32 lowercase hex digits.
-    digest: str
+    #: 32 lowercase hex digits (left out of the repr).
+    digest: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,14 +95,30 @@ class AuthStart(Event):
     #: Upper-case mechanism name, one of ``Config.sasl_mechanisms``.
     mechanism: str
     #: Decoded initial response (b"" for "="), or None when none was sent.
-    initial_response: bytes | None
+    #: Left out of the repr: PLAIN carries the password here.
+    initial_response: bytes | None = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthResponse(Event):
     """The client's base64-decoded answer to a SaslChallenge."""
 
-    data: bytes
+    #: Left out of the repr: it may carry the password.
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthAborted(Event):
+    """The client cancelled a SASL exchange with ``*`` (RFC 5034 section 4).
+
+    Answer Err (the default text is "Authentication aborted."); like any
+    failed login it counts toward ``Config.max_auth_failures`` unless its
+    code is neither None nor "AUTH".  The application counts it in its own
+    failed-login accounting too (delays, logs).
+    """
+
+    #: The mechanism of the cancelled exchange (as in its AuthStart).
+    mechanism: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

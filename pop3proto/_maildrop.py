@@ -26,7 +26,9 @@ class MessageInfo:
         key: the storage's own name for the message (a Maildir base name, a
             database id); handed back in ``RetrieveMessage`` and ``Update``.
         size: the message's size in octets as POP3 sends it: CRLF line ends,
-            before dot-stuffing (RFC 1939 section 11).  See ``wire_size``.
+            before dot-stuffing (RFC 1939 section 11).  See ``wire_size``.  An
+            empty message is sent as one empty line, so a size of 0 (a store
+            that measured the file) is listed as 2.
         uid: the UIDL unique-id, 1-70 characters in 0x21-0x7E, stable across
             sessions.
     """
@@ -38,6 +40,8 @@ class MessageInfo:
     def __post_init__(self) -> None:
         if self.size < 0:
             raise ValueError(f"negative message size {self.size}")
+        if self.size == 0:  # what RETR sends for it: one empty line
+            object.__setattr__(self, "size", 2)
         if not valid_uid(self.uid):
             raise ValueError(f"invalid UIDL {self.uid!r}: need 1-70 chars in 0x21-0x7E")
 

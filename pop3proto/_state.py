@@ -2,7 +2,10 @@
 
 Rule 1: every legal move is in one of these tables, and anything not in them
 is refused.  ``COMMANDS[phase]`` lists the commands a client may give in that
-phase; any other known command gets ``-ERR`` and counts as a bad command.
+phase (and names their handlers); any other known command gets ``-ERR`` and
+counts as a bad command.  ``NEXT`` gives the phase an answer leads to.
+Inside an AUTH exchange (``Reply.SASL``) the next line is the client's SASL
+answer, not a command.
 ``ANSWERS[type(pending event)]`` lists the responses the application may send
 while that event is pending; anything else is a ``LocalProtocolError`` (so is
 any answer with no event pending, except ``Greeting``/``Err`` in GREETING).
@@ -23,6 +26,7 @@ import enum
 
 from ._events import (
     ApopLogin,
+    AuthAborted,
     AuthResponse,
     AuthStart,
     Data,
@@ -40,7 +44,7 @@ from ._events import (
     Update,
 )
 
-__all__ = ["ANSWERS", "COMMANDS", "KNOWN_COMMANDS", "Phase", "Reply"]
+__all__ = ["ANSWERS", "COMMANDS", "KNOWN_COMMANDS", "NEXT", "Phase", "Reply"]
 
 
 class Phase(enum.Enum):
@@ -69,26 +73,62 @@ class Reply(enum.Enum):
     AWAITING_APP = "awaiting-app"
     #: Inside a RETR/TOP block: Data until EndOfMessage.
     SENDING_LINES = "sending-lines"
+    #: A SASL challenge was sent: the next line is the client's answer
+    #: (AuthResponse, or AuthAborted for "*"), not a command.
+    SASL = "sasl"
 
 
-COMMANDS: dict[Phase, frozenset[bytes]] = {
-    Phase.AUTHORIZATION: frozenset(
-        {b"USER", b"PASS", b"APOP", b"AUTH", b"STLS", b"UTF8", b"CAPA", b"QUIT"}
-    ),
-    Phase.TRANSACTION: frozenset(
-        {b"STAT", b"LIST", b"UIDL", b"RETR", b"TOP", b"DELE", b"RSET", b"NOOP", b"QUIT", b"CAPA"}
-    ),
+#: The one command table: the commands each phase takes, each with the name
+#: of the ``Connection`` method that handles it (``_cmd_<name>``).  The
+#: handler answers alone, or returns the event that waits for the
+#: application; the phase it leads to is in its docstring and in ``NEXT``.
+COMMANDS: dict[Phase, dict[bytes, str]] = {
+    Phase.AUTHORIZATION: {
+        b"USER": "user",
+        b"PASS": "pass",  # -> Login
+        b"APOP": "apop",  # -> ApopLogin
+        b"AUTH": "auth",  # -> AuthStart
+        b"STLS": "stls",  # -> StartTLS
+        b"UTF8": "utf8",
+        b"CAPA": "capa",
+        b"QUIT": "quit",  # -> CLOSED
+    },
+    Phase.TRANSACTION: {
+        b"STAT": "stat",
+        b"LIST": "list",
+        b"UIDL": "uidl",
+        b"RETR": "retr",  # -> RetrieveMessage
+        b"TOP": "top",  # -> TopOfMessage
+        b"DELE": "dele",
+        b"RSET": "rset",
+        b"NOOP": "noop",
+        b"QUIT": "quit",  # -> UPDATE, Update
+        b"CAPA": "capa",
+    },
 }
 
-KNOWN_COMMANDS: frozenset[bytes] = COMMANDS[Phase.AUTHORIZATION] | COMMANDS[Phase.TRANSACTION]
+KNOWN_COMMANDS: frozenset[bytes] = frozenset(k for table in COMMANDS.values() for k in table)
 
 _LOGIN: frozenset[type[Response]] = frozenset({LoginAccepted, Err})
+
+#: The phase an accepted answer leads to (absent: the phase stays).  A
+#: counted login failure at ``Config.max_auth_failures`` closes too.
+NEXT: dict[tuple[type[Event], type[Response]], Phase] = {
+    (Login, LoginAccepted): Phase.TRANSACTION,
+    (ApopLogin, LoginAccepted): Phase.TRANSACTION,
+    (AuthStart, LoginAccepted): Phase.TRANSACTION,
+    (AuthResponse, LoginAccepted): Phase.TRANSACTION,
+    (StartTLS, Ok): Phase.AUTHORIZATION,  # started over: nothing before TLS counts
+    (Update, Ok): Phase.CLOSED,
+    (Update, Err): Phase.CLOSED,
+}
 
 ANSWERS: dict[type[Event], frozenset[type[Response]]] = {
     Login: _LOGIN,
     ApopLogin: _LOGIN,
     AuthStart: frozenset({LoginAccepted, Err, SaslChallenge}),
     AuthResponse: frozenset({LoginAccepted, Err, SaslChallenge}),
+    AuthAborted: frozenset({Err}),
     StartTLS: frozenset({Ok, Err}),
     RetrieveMessage: frozenset({Ok, Err, Data, EndOfMessage}),
     TopOfMessage: frozenset({Ok, Err, Data, EndOfMessage}),

@@ -9,8 +9,12 @@ lone CR at a chunk's end, is handled exactly like an unsplit one.
 The size rule is shared with storages through ``wire_size``/``WireSizer``: a
 bare LF counts as CRLF, and a message that does not end with a line end gets
 the CRLF the encoder adds before the terminator (just the LF after a final
-bare CR, which the encoder completes to CRLF).  Dot-stuffing is not counted
-(RFC 1939 section 11: sizes are before byte-stuffing).
+bare CR, which the encoder completes to CRLF).  An empty message is sent as
+one empty line (``+OK 2 octets``, CRLF, ``.`` CRLF): a bare terminator
+right after the status line is read as data by some clients (Tcllib's
+``pop3``), and Dovecot sends the empty line too; its size is 2.
+Dot-stuffing is not counted (RFC 1939 section 11: sizes are before
+byte-stuffing).
 """
 
 from __future__ import annotations
@@ -53,8 +57,10 @@ class WireSizer:
 
     def total(self) -> int:
         """The size so far, as if the message ended here."""
-        if self._last in (-1, 10):
+        if self._last == 10:
             return self._total
+        if self._last == -1:
+            return 2  # an empty message is sent as one empty line
         if self._last == 13:
             return self._total + 1  # DotStuffer.end completes a final bare CR to CRLF
         return self._total + 2
@@ -71,19 +77,22 @@ class DotStuffer:
     """Turns message bytes into the body of a multi-line response, chunk by chunk.
 
     ``feed`` returns the wire bytes for a chunk; ``end`` returns the
-    terminator (``.CRLF``, preceded by CRLF when the data did not end a line).
+    terminator (``.CRLF``, preceded by CRLF when the data did not end a line
+    or when there was no data at all: an empty message is one empty line).
     """
 
-    __slots__ = ("_at_line_start", "_prev_cr")
+    __slots__ = ("_at_line_start", "_empty", "_prev_cr")
 
     def __init__(self) -> None:
         self._at_line_start = True
         self._prev_cr = False
+        self._empty = True
 
     def feed(self, chunk: bytes) -> bytes:
         """Encode one chunk: bare LF becomes CRLF, a leading '.' on a line is doubled."""
         if not chunk:
             return b""
+        self._empty = False
         head = b""
         if self._prev_cr and chunk[0] == 10:
             # The CR of this CRLF ended the previous chunk.
@@ -107,7 +116,9 @@ class DotStuffer:
 
     def end(self) -> bytes:
         """The bytes that close the block."""
-        if self._at_line_start:
+        if self._empty:
+            tail = b"\r\n.\r\n"  # the empty message as one empty line
+        elif self._at_line_start:
             tail = b".\r\n"
         elif self._prev_cr:
             tail = b"\n.\r\n"  # data ended on a bare CR: complete it to CRLF
@@ -115,6 +126,7 @@ class DotStuffer:
             tail = b"\r\n.\r\n"
         self._at_line_start = True
         self._prev_cr = False
+        self._empty = True
         return tail
 
 

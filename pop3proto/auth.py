@@ -73,8 +73,8 @@ class ScramSecret:
 
     salt: bytes
     iterations: int
-    stored_key: bytes
-    server_key: bytes
+    stored_key: bytes = field(repr=False)
+    server_key: bytes = field(repr=False)
 
     @classmethod
     def from_password(cls, password: str, salt: bytes, iterations: int = 4096) -> ScramSecret:
@@ -163,7 +163,7 @@ class PlainVerifier:
     #: A comparison, no hashing: safe to run on an event loop.
     nonblocking: ClassVar[bool] = True
 
-    secret: str
+    secret: str = field(repr=False)
     scram_salt: bytes = b"pop3proto-plain"
     scram_iterations: int = 4096
     _scram: list[ScramSecret] = field(default_factory=list, init=False, repr=False, compare=False)

@@ -237,7 +237,7 @@ class SessionDriver:
     @property
     def partial_line(self) -> bool:
         """Whether the client has sent part of a line (ACK at once: TCP_QUICKACK)."""
-        return bool(getattr(self.conn, "partial_line", False))
+        return self.conn.partial_line
 
     @property
     def deadline(self) -> float | None:
@@ -410,7 +410,7 @@ class SessionDriver:
                         self.end_reason = "Logged out"
                 self._ending = True
                 continue
-            self._steps = self._handle(event)
+            self._steps = self.policy.handle(event)
 
     # ------------------------------------------------------------------ internals
 
@@ -418,11 +418,6 @@ class SessionDriver:
         """Give the session its real Config (the policy does it before the greeting)."""
         self.conn = Connection(config, tls=self.tls)
 
-    def _handle(self, event: Event) -> Steps:
-        aborted = getattr(self.policy, "aborted", None)
-        if type(event).__name__ == "AuthAborted" and aborted is not None:
-            return aborted()  # type: ignore[no-any-return]
-        return self.policy.handle(event)
 
     def _expired(self, now: float) -> bool:
         deadline = self.deadline
@@ -485,7 +480,7 @@ class SessionDriver:
             self._ending = True
             if isinstance(step, Disconnect) and self.end_reason == "Connection closed":
                 self.end_reason = "Disconnected"
-        if self.conn.sending_lines and self.conn._out_len >= FLUSH_AT:
+        if self.conn.sending_lines and self.conn.buffered_output >= FLUSH_AT:
             return self._out()  # a message goes out in chunks, not whole
         return None
 

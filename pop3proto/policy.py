@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from . import sasl
 from ._events import (
     ApopLogin,
+    AuthAborted,
     AuthResponse,
     AuthStart,
     ConnectionClosed,
@@ -166,6 +167,8 @@ class Policy:
                 return
             yield Ok()
             yield START_TLS
+        elif isinstance(event, AuthAborted):
+            yield from self.aborted()
         elif isinstance(event, ConnectionClosed):
             yield from self.release()
         else:  # an event this policy does not know: refuse it, never leave it pending

@@ -43,6 +43,22 @@ def _port(text: bytes) -> int:
     return port
 
 
+def _v1_address(text: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """One v1 address: a bare IPv4 or IPv6 address, never with a scope id.
+
+    ``ipaddress`` takes ``fe80::1%<anything>`` (CR, LF and ESC included) and
+    such an address would reach the logs raw and compare equal to nothing a
+    network rule names; a proxy has no reason to send one.
+    """
+    try:
+        addr = ipaddress.ip_address(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError("bad address in PROXY v1 header") from exc
+    if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
+        raise ValueError("scope id in PROXY v1 address")
+    return addr
+
+
 def _v1(data: bytes) -> tuple[ProxyHeader, int] | None:
     end = data.find(b"\r\n", 0, _V1_MAX)
     if end < 0:
@@ -55,11 +71,8 @@ def _v1(data: bytes) -> tuple[ProxyHeader, int] | None:
     if len(parts) != 6 or parts[1] not in (b"TCP4", b"TCP6"):
         raise ValueError("malformed PROXY v1 header")
     version = 4 if parts[1] == b"TCP4" else 6
-    try:
-        src = ipaddress.ip_address(parts[2].decode("ascii"))
-        dst = ipaddress.ip_address(parts[3].decode("ascii"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError("bad address in PROXY v1 header") from exc
+    src = _v1_address(parts[2])
+    dst = _v1_address(parts[3])
     if src.version != version or dst.version != version:
         raise ValueError("address family mismatch in PROXY v1 header")
     return (
@@ -90,7 +103,7 @@ def _v2(data: bytes) -> tuple[ProxyHeader, int] | None:
         src4, dst4 = ipaddress.IPv4Address(body[0:4]), ipaddress.IPv4Address(body[4:8])
         sport, dport = struct.unpack("!HH", body[8:12])
         return ProxyHeader((str(src4), sport), (str(dst4), dport), 2), total
-    if fam == 0x21:  # TCP over IPv6
+    if fam == 0x21:  # TCP over IPv6 (16 octets each: v2 cannot carry a scope id)
         if length < 36:
             raise ValueError("short PROXY v2 IPv6 address block")
         src6, dst6 = ipaddress.IPv6Address(body[0:16]), ipaddress.IPv6Address(body[16:32])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .auth import ScramSecret
 
@@ -56,7 +56,8 @@ class PasswordCredentials:
     """A user name and cleartext password (PLAIN, LOGIN)."""
 
     authcid: str
-    password: str
+    #: Left out of the repr, like every secret here.
+    password: str = field(repr=False)
     authzid: str = ""
 
 
@@ -65,7 +66,7 @@ class CramCredentials:
     """A CRAM-MD5 answer: check ``digest`` against cram_md5_digest(challenge, secret)."""
 
     username: str
-    digest: str
+    digest: str = field(repr=False)
     challenge: bytes
 
 
@@ -74,7 +75,7 @@ class TokenCredentials:
     """An OAuth 2.0 bearer token (OAUTHBEARER, XOAUTH2) for the application to check."""
 
     username: str
-    token: str
+    token: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ import copy
 import textwrap
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import replies as R
 
@@ -25,6 +26,7 @@ from pop3proto import (
     NEED_DATA,
     PAUSED,
     ApopLogin,
+    AuthAborted,
     AuthResponse,
     AuthStart,
     Config,
@@ -50,6 +52,18 @@ from pop3proto import (
     wire_size,
 )
 from pop3proto.auth import verify_apop
+
+# ------------------------------------------------------------ configs
+
+#: The SASL mechanisms the tests offer (``Config()`` offers none).
+SASL = ("PLAIN", "LOGIN")
+
+
+def cfg(**kwargs: Any) -> Config:
+    """A Config for the tests: ``Config(**kwargs)`` offering PLAIN and LOGIN unless told."""
+    kwargs.setdefault("sasl_mechanisms", SASL)
+    return Config(**kwargs)
+
 
 # ------------------------------------------------------------ messages
 
@@ -127,7 +141,7 @@ def feed_bytewise(conn: Connection, data: bytes) -> list[Event]:
 
 def greeted(config: Config | None = None, *, tls: bool = False, apop: bool = False) -> Connection:
     """A Connection that has sent its greeting (already drained)."""
-    conn = Connection(config, tls=tls)
+    conn = Connection(config if config is not None else cfg(), tls=tls)
     conn.send(Greeting(apop_timestamp=R.RFC_TIMESTAMP if apop else None))
     conn.data_to_send()
     return conn
@@ -165,8 +179,10 @@ def crlf(message: bytes) -> bytes:
     """*message* as RETR must send it before stuffing: CRLF line ends, ending in CRLF.
 
     A bare LF becomes CRLF, a bare CR inside a line stays, and a final bare CR
-    is completed to CRLF.
+    is completed to CRLF.  An empty message is one empty line.
     """
+    if not message:
+        return b"\r\n"
     out = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     if out.endswith(b"\r") and not out.endswith(b"\r\n"):
         return out + b"\n"
@@ -269,6 +285,9 @@ class App:
             yield self._sasl(event.initial_response)
         elif isinstance(event, AuthResponse):
             yield self._sasl(event.data)
+        elif isinstance(event, AuthAborted):
+            self._sasl_user = None
+            yield Err()
         elif isinstance(event, (RetrieveMessage, TopOfMessage)):
             yield Ok()
             data = self.messages[int(event.key[1:]) - 1]
@@ -401,7 +420,7 @@ def run(
     """Play the client side of *script* in one *mode*, then EOF; return what the server did."""
     app = copy.deepcopy(app) if app is not None else App()
     client, _ = parse_script(script)
-    conn = Connection(config if config is not None else Config(apop=True), tls=tls)
+    conn = Connection(config if config is not None else cfg(apop=True), tls=tls)
     out = bytearray()
     conn.send(app.greeting())
     out += conn.data_to_send()

@@ -7,7 +7,11 @@ API misuse, streaming, pipelining and disconnects.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import replies as R
@@ -18,6 +22,7 @@ from helpers import (
     RFC_UIDS,
     App,
     b64,
+    cfg,
     chat,
     crlf,
     feed,
@@ -39,6 +44,7 @@ from pop3proto import (
     NEED_DATA,
     PAUSED,
     ApopLogin,
+    AuthAborted,
     AuthResponse,
     AuthStart,
     Config,
@@ -359,27 +365,27 @@ def capa_of(conn: Connection) -> list[str]:
 @pytest.mark.parametrize(
     ("config", "tls", "expected"),
     [
-        (Config(), False, R.CAPA_AUTHORIZATION),
-        (Config(), True, R.CAPA_AUTHORIZATION),
+        (cfg(), False, R.CAPA_AUTHORIZATION),
+        (cfg(), True, R.CAPA_AUTHORIZATION),
         (
-            Config(cleartext_auth=False),
+            cfg(cleartext_auth=False),
             False,
             R.capa("UTF8", "IMPLEMENTATION pop3proto"),
         ),
-        (Config(cleartext_auth=False), True, R.CAPA_AUTHORIZATION),
+        (cfg(cleartext_auth=False), True, R.CAPA_AUTHORIZATION),
         (
-            Config(cleartext_auth=False, sasl_mechanisms=("SCRAM-SHA-256", "PLAIN")),
+            cfg(cleartext_auth=False, sasl_mechanisms=("SCRAM-SHA-256", "PLAIN")),
             False,
             R.capa("SASL SCRAM-SHA-256", "UTF8", "IMPLEMENTATION pop3proto"),
         ),
         (
-            Config(stls=True),
+            cfg(stls=True),
             False,
             R.capa("USER", "SASL PLAIN LOGIN", "STLS", "UTF8 USER", "IMPLEMENTATION pop3proto"),
         ),
-        (Config(stls=True), True, R.CAPA_AUTHORIZATION),
+        (cfg(stls=True), True, R.CAPA_AUTHORIZATION),
         (
-            Config(login_delay=900, expire="NEVER", implementation="test 1.0"),
+            cfg(login_delay=900, expire="NEVER", implementation="test 1.0"),
             False,
             R.capa(
                 "USER",
@@ -391,12 +397,12 @@ def capa_of(conn: Connection) -> list[str]:
             ),
         ),
         (
-            Config(implementation=None, utf8=False, sasl_mechanisms=()),
+            cfg(implementation=None, utf8=False, sasl_mechanisms=()),
             False,
             R.capa("USER"),
         ),
         (
-            Config(user_command=False, expire=0),
+            cfg(user_command=False, expire=0),
             False,
             R.capa("SASL PLAIN LOGIN", "UTF8", "EXPIRE 0", "IMPLEMENTATION pop3proto"),
         ),
@@ -423,12 +429,12 @@ def test_capa_in_transaction(txn: Connection) -> None:
 
 
 def test_capa_in_transaction_with_policy() -> None:
-    conn = logged_in(Config(login_delay=900, expire=31, stls=True))
+    conn = logged_in(cfg(login_delay=900, expire=31, stls=True))
     assert capa_of(conn) == R.capa("LOGIN-DELAY 900", "EXPIRE 31", "IMPLEMENTATION pop3proto")
 
 
 def test_capa_in_transaction_is_per_user() -> None:
-    conn = logged_in(Config(login_delay=900, expire="NEVER"), login_delay=60, expire=30)
+    conn = logged_in(cfg(login_delay=900, expire="NEVER"), login_delay=60, expire=30)
     assert capa_of(conn) == R.capa("LOGIN-DELAY 60", "EXPIRE 30", "IMPLEMENTATION pop3proto")
     conn = logged_in(login_delay=0, expire="NEVER")
     assert capa_of(conn) == R.capa("LOGIN-DELAY 0", "EXPIRE NEVER", "IMPLEMENTATION pop3proto")
@@ -439,7 +445,7 @@ def test_capa_takes_no_argument(conn: Connection) -> None:
 
 
 def test_plaintext_logins_refused_without_tls() -> None:
-    conn = greeted(Config(cleartext_auth=False, apop=True), apop=True)
+    conn = greeted(cfg(cleartext_auth=False, apop=True), apop=True)
     assert chat(conn, b"USER mrose\r\n") == W(R.PLAINTEXT_DISALLOWED)
     assert chat(conn, b"PASS x\r\n") == W(R.NO_USERNAME)
     assert chat(conn, f"APOP mrose {R.RFC_DIGEST}\r\n".encode()) == W(R.PLAINTEXT_DISALLOWED)
@@ -449,7 +455,7 @@ def test_plaintext_logins_refused_without_tls() -> None:
 
 
 def test_plaintext_logins_allowed_over_tls() -> None:
-    conn = greeted(Config(cleartext_auth=False), tls=True)
+    conn = greeted(cfg(cleartext_auth=False), tls=True)
     assert conn.tls
     assert feed(conn, b"USER mrose\r\nPASS x\r\n") == [Login(username="mrose", password="x")]
     assert conn.data_to_send() == W(R.OK)
@@ -457,7 +463,7 @@ def test_plaintext_logins_allowed_over_tls() -> None:
 
 # ================================================================ STLS
 
-STLS_CONFIG = Config(stls=True)
+STLS_CONFIG = cfg(stls=True)
 CAPA_BEFORE_TLS = R.capa(
     "USER", "SASL PLAIN LOGIN", "STLS", "UTF8 USER", "IMPLEMENTATION pop3proto"
 )
@@ -545,7 +551,7 @@ def test_stls_refused_answers_the_pipelined_command() -> None:
 @pytest.mark.parametrize(
     ("config", "tls", "line", "reply"),
     [
-        (Config(), False, b"STLS\r\n", R.STLS_DISABLED),
+        (cfg(), False, b"STLS\r\n", R.STLS_DISABLED),
         (STLS_CONFIG, True, b"STLS\r\n", R.TLS_ACTIVE),
         (STLS_CONFIG, False, b"STLS now\r\n", R.SYNTAX),
     ],
@@ -559,7 +565,7 @@ def test_stls_after_login_is_refused() -> None:
 
 
 def test_stls_keeps_auth_failure_count() -> None:
-    conn = greeted(Config(stls=True, max_auth_failures=2))
+    conn = greeted(cfg(stls=True, max_auth_failures=2))
     assert feed(conn, b"USER a\r\nPASS b\r\n") == [Login(username="a", password="b")]
     conn.send(Err())
     assert feed(conn, b"STLS\r\n") == [StartTLS()]
@@ -648,8 +654,47 @@ S: {R.BAD_BASE64}
 C: CAPA
 {server_says(R.CAPA_AUTHORIZATION)}
 """
-    result = transcript(script, config=Config(max_auth_failures=5))
+    result = transcript(script, config=cfg(max_auth_failures=5))
     assert result.conn.stats.auth_failures == 2
+
+
+def test_auth_abort_is_an_event_for_the_application() -> None:
+    # RFC 5034: "*" cancels; the application hears of it (failed-login
+    # accounting, delays, logs) and answers with the -ERR.
+    conn = greeted(cfg(max_auth_failures=2, sasl_mechanisms=("LOGIN",)))
+    assert feed(conn, b"AUTH LOGIN\r\n") == [AuthStart(mechanism="LOGIN", initial_response=None)]
+    conn.send(SaslChallenge(data=b"Username:"))
+    assert feed(conn, b"*\r\nCAPA\r\n") == [AuthAborted(mechanism="LOGIN")]
+    assert conn.data_to_send() == b"+ VXNlcm5hbWU6\r\n"
+    assert conn.next_event() is PAUSED  # CAPA waits behind the pending event
+    conn.send(Err(code="AUTH"))
+    assert conn.data_to_send() == W(R.AUTH_ABORTED_CODE)
+    assert conn.stats.auth_failures == 1
+    assert next_events(conn) == []
+    assert conn.data_to_send().startswith(b"+OK Capability list follows\r\n")
+    # A temporary failure does not count; an aborted exchange otherwise does.
+    feed(conn, b"AUTH LOGIN\r\n")
+    conn.send(SaslChallenge())
+    assert feed(conn, b"*\r\n") == [AuthAborted(mechanism="LOGIN")]
+    conn.send(Err(text="Try later.", code="SYS/TEMP"))
+    assert conn.stats.auth_failures == 1
+    feed(conn, b"AUTH LOGIN\r\n")
+    conn.send(SaslChallenge())
+    feed(conn, b"*\r\n")
+    conn.send(Err())
+    assert conn.data_to_send().endswith(W(R.AUTH_ABORTED))
+    assert conn.phase is Phase.CLOSED  # the second counted failure ends it
+
+
+@pytest.mark.parametrize("answer", [LoginAccepted(maildrop=Maildrop()), SaslChallenge(), Ok()])
+def test_auth_abort_takes_only_err(answer: Response) -> None:
+    conn = greeted()
+    feed(conn, b"AUTH PLAIN\r\n")
+    conn.send(SaslChallenge())
+    assert feed(conn, b"*\r\n") == [AuthAborted(mechanism="PLAIN")]
+    with pytest.raises(LocalProtocolError):
+        conn.send(answer)
+    assert conn.phase is Phase.ERROR
 
 
 @pytest.mark.parametrize("initial", [b"abc", b"ab=c", b"a===", b"YWJ\xff"])
@@ -685,7 +730,7 @@ def test_auth_answered_without_username_leaves_it_unset(conn: Connection) -> Non
 
 
 def test_sasl_challenge_again_after_response() -> None:
-    conn = greeted(Config(sasl_mechanisms=("X-TEST",)))
+    conn = greeted(cfg(sasl_mechanisms=("X-TEST",)))
     assert feed(conn, b"AUTH X-TEST\r\n") == [AuthStart(mechanism="X-TEST", initial_response=None)]
     conn.send(SaslChallenge(data=b"one"))
     assert feed(conn, b"\r\n") == [AuthResponse(data=b"")]
@@ -726,7 +771,7 @@ C: CAPA
     ],
 )
 def test_login_refusals(err: Err, line: str) -> None:
-    conn = greeted(Config(max_auth_failures=1))
+    conn = greeted(cfg(max_auth_failures=1))
     assert feed(conn, b"USER u\r\nPASS p\r\n") == [Login(username="u", password="p")]
     conn.send(err)
     assert conn.data_to_send() == W(R.OK, line)
@@ -736,7 +781,7 @@ def test_login_refusals(err: Err, line: str) -> None:
 
 
 def test_auth_line_may_exceed_the_command_limit() -> None:
-    config = Config(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
+    config = cfg(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
     conn = greeted(config)
     initial = b64("\0mrose\0" + "p" * 60)
     line = f"AUTH PLAIN {initial}\r\n".encode()
@@ -746,17 +791,18 @@ def test_auth_line_may_exceed_the_command_limit() -> None:
 
 
 def test_auth_line_over_the_sasl_limit() -> None:
-    config = Config(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
+    config = cfg(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
     conn = greeted(config)
     line = b"AUTH PLAIN " + b"A" * 116 + b"\r\n"
     assert len(line) == 129
-    with pytest.raises(RemoteProtocolError, match="Line too long"):
-        feed(conn, line)
-    assert conn.data_to_send() == W(R.LINE_TOO_LONG)
+    assert feed(conn, line + b"NOOP\r\n") == []
+    assert conn.data_to_send() == W(R.LINE_TOO_LONG, R.WRONG_STATE)
+    assert conn.phase is Phase.AUTHORIZATION
+    assert conn.stats.auth_failures == 0  # a bad command, not a failed login
 
 
 def test_sasl_continuation_line_limits() -> None:
-    config = Config(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
+    config = cfg(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
     conn = greeted(config)
     assert feed(conn, b"AUTH PLAIN\r\n") == [AuthStart(mechanism="PLAIN", initial_response=None)]
     conn.send(SaslChallenge())
@@ -765,9 +811,24 @@ def test_sasl_continuation_line_limits() -> None:
     assert feed(conn, ok) == [AuthResponse(data=b"\0" * 93)]
     conn.send(SaslChallenge())
     conn.data_to_send()
-    with pytest.raises(RemoteProtocolError, match="Line too long"):
-        feed(conn, b"A" * 128 + b"\r\n")
-    assert conn.data_to_send() == W(R.LINE_TOO_LONG)
+    # Over the limit: the exchange fails like bad base64, and commands follow.
+    assert feed(conn, b"A" * 128 + b"\r\nCAPA\r\n") == []
+    assert conn.data_to_send() == W(R.LINE_TOO_LONG, *R.CAPA_AUTHORIZATION)
+    assert conn.stats.auth_failures == 1
+
+
+def test_sasl_continuation_too_long_to_buffer() -> None:
+    config = cfg(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
+    conn = greeted(config)
+    feed(conn, b"AUTH PLAIN\r\n")
+    conn.send(SaslChallenge())
+    conn.data_to_send()
+    assert feed(conn, b"A" * 500) == []  # dropped as it comes
+    assert conn.partial_line
+    assert feed(conn, b"A" * 500 + b"\r\nNOOP\r\n") == []
+    assert conn.data_to_send() == W(R.LINE_TOO_LONG, R.WRONG_STATE)
+    assert conn.stats.auth_failures == 1
+    assert conn.phase is Phase.AUTHORIZATION
 
 
 def test_eof_while_waiting_for_a_sasl_response(conn: Connection) -> None:
@@ -831,7 +892,7 @@ def test_failed_user_forgets_the_previous_one(conn: Connection) -> None:
 
 
 def test_utf8_unavailable_or_misplaced() -> None:
-    assert chat(greeted(Config(utf8=False)), b"UTF8\r\n") == W(R.UTF8_UNAVAILABLE)
+    assert chat(greeted(cfg(utf8=False)), b"UTF8\r\n") == W(R.UTF8_UNAVAILABLE)
     assert chat(greeted(), b"UTF8 on\r\n") == W(R.SYNTAX)
     assert chat(logged_in(), b"UTF8\r\n") == W(R.WRONG_STATE)
 
@@ -856,7 +917,7 @@ def test_utf8_unavailable_or_misplaced() -> None:
     ],
 )
 def test_authorization_argument_errors(line: bytes, reply: str) -> None:
-    conn = greeted(Config(apop=True), apop=True)
+    conn = greeted(cfg(apop=True), apop=True)
     assert chat(conn, line) == W(reply)
     assert conn.phase is Phase.AUTHORIZATION
 
@@ -868,13 +929,13 @@ def test_pass_keeps_spaces(conn: Connection) -> None:
 
 
 def test_user_command_disabled() -> None:
-    conn = greeted(Config(user_command=False))
+    conn = greeted(cfg(user_command=False))
     assert chat(conn, b"USER mrose\r\nPASS x\r\n") == W(R.USER_DISABLED, R.NO_USERNAME)
 
 
 @pytest.mark.parametrize(
     ("config", "apop"),
-    [(Config(apop=False), True), (Config(apop=True), False)],
+    [(cfg(apop=False), True), (cfg(apop=True), False)],
     ids=["config-off", "no-timestamp"],
 )
 def test_apop_unavailable(config: Config, apop: bool) -> None:
@@ -883,7 +944,7 @@ def test_apop_unavailable(config: Config, apop: bool) -> None:
 
 
 def test_apop_event_and_greeting_without_text() -> None:
-    conn = Connection(Config(apop=True))
+    conn = Connection(cfg(apop=True))
     conn.send(Greeting(text="", apop_timestamp=R.RFC_TIMESTAMP))
     assert conn.data_to_send() == W(f"+OK {R.RFC_TIMESTAMP}")
     event = ApopLogin(username="mrose", digest=R.RFC_DIGEST)
@@ -1027,7 +1088,7 @@ def test_good_commands_reset_the_bad_count(conn: Connection) -> None:
 
 
 def test_too_many_bad_commands_after_login() -> None:
-    conn = logged_in(Config(max_bad_commands=3, max_bad_commands_before_login=1))
+    conn = logged_in(cfg(max_bad_commands=3, max_bad_commands_before_login=1))
     assert chat(conn, b"FOO\r\nSTAT 1\r\nNOOP\r\nUSER x\r\nRETR\r\n") == W(
         R.UNKNOWN, R.SYNTAX, R.OK, R.WRONG_STATE, R.SYNTAX
     )
@@ -1038,25 +1099,76 @@ def test_too_many_bad_commands_after_login() -> None:
 
 @pytest.mark.parametrize("logged", [False, True])
 def test_line_too_long(logged: bool) -> None:
-    conn = logged_in() if logged else greeted()
+    # Like Dovecot: -ERR in the line's place, and the session reads on.
+    config = cfg(max_bad_commands_before_login=5)
+    conn = logged_in(config) if logged else greeted(config)
     exact = b"NOOP " + b"x" * 248 + b"\r\n"
     assert len(exact) == 255
     assert feed(conn, exact) == []
     assert conn.data_to_send() == W(R.SYNTAX if logged else R.WRONG_STATE)
+    assert feed(conn, b"NOOP " + b"x" * 249 + b"\r\nNOOP\r\n") == []
+    assert conn.data_to_send() == W(R.LINE_TOO_LONG, R.OK if logged else R.WRONG_STATE)
+    assert conn.phase is (Phase.TRANSACTION if logged else Phase.AUTHORIZATION)
+
+
+def test_line_too_long_is_no_pass_after_user() -> None:
+    conn = greeted()
+    assert chat(conn, b"USER mrose\r\nPASS " + b"p" * 300 + b"\r\nPASS p\r\n") == W(
+        R.OK, R.LINE_TOO_LONG, R.NO_USERNAME
+    )
+
+
+def test_line_too_long_counts_as_a_bad_command() -> None:
+    conn = greeted(cfg(max_bad_commands_before_login=2))
+    assert chat(conn, b"X" * 300 + b"\r\n") == W(R.LINE_TOO_LONG)
+    with pytest.raises(RemoteProtocolError, match="Too many bad commands"):
+        feed(conn, b"Y" * 300 + b"\r\n")
+    assert conn.data_to_send() == W(R.TOO_MANY_BAD)
+
+
+def test_partial_line_over_the_limit_is_skipped() -> None:
+    config = cfg(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
+    conn = greeted(config)
+    assert feed(conn, b"CAPA\r\nAUTH PLAIN " + b"A" * 116) == []  # 127 octets, no LF yet
+    assert conn.data_to_send() == W(*R.CAPA_AUTHORIZATION)
+    assert conn.partial_line
+    for _ in range(4):  # 4 * 200 more octets: dropped, not held
+        assert feed(conn, b"A" * 200) == []
+        assert conn.data_to_send() == b""
+    assert feed(conn, b"A\r") == []
+    assert feed(conn, b"\nQUIT\r\n") == [ConnectionClosed()]
+    assert conn.data_to_send() == W(R.LINE_TOO_LONG, R.LOGGING_OUT)
+    assert conn.stats.commands == 3
+
+
+def test_a_line_that_never_ends_closes() -> None:
+    config = cfg(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
+    conn = greeted(config)
+    feed(conn, b"A" * 1000)
+    feed(conn, b"A" * 23)  # 1023 octets: its LF could still come within 1024
     with pytest.raises(RemoteProtocolError, match="Line too long") as info:
-        feed(conn, b"NOOP " + b"x" * 249 + b"\r\nNOOP\r\n")
+        feed(conn, b"A")  # 1024 octets and no line end: it cannot end within the bound
     assert info.value.response_hint == "Line too long."
     assert conn.data_to_send() == W(R.LINE_TOO_LONG)
     assert conn.phase is Phase.ERROR
 
 
-def test_partial_line_limit() -> None:
-    config = Config(max_line_length=64, max_sasl_line_length=128, max_buffered_input=1024)
-    conn = greeted(config)
-    assert feed(conn, b"AUTH PLAIN " + b"A" * 116) == []  # 127 octets, no LF yet
-    with pytest.raises(RemoteProtocolError, match="Line too long"):
-        feed(conn, b"A")
-    assert conn.data_to_send() == W(R.LINE_TOO_LONG)
+def test_eof_while_skipping_a_long_line() -> None:
+    conn = greeted()
+    assert feed(conn, b"X" * 10000) == []
+    assert feed(conn, b"") == [ConnectionClosed()]
+    assert conn.data_to_send() == b""
+
+
+def test_stls_forgets_a_line_being_skipped() -> None:
+    conn = greeted(cfg(stls=True))
+    assert feed(conn, b"STLS\r\n") == [StartTLS()]
+    conn.receive_data(b"X" * 10000)  # plaintext injection, still unread
+    conn.send(Ok())
+    assert not conn.partial_line
+    assert conn.data_to_send() == W(R.BEGIN_TLS)
+    assert feed(conn, b"CAPA\r\n") == []
+    assert conn.data_to_send().startswith(b"+OK")
 
 
 @pytest.mark.parametrize("line", [b"NOOP\x00\r\n", b"\x00\r\n", b"USER a\x00b\r\n"])
@@ -1069,7 +1181,7 @@ def test_nul_in_command(line: bytes) -> None:
 
 
 def test_too_much_input_in_one_packet() -> None:
-    config = Config(max_line_length=32, max_sasl_line_length=64, max_buffered_input=100)
+    config = cfg(max_line_length=32, max_sasl_line_length=64, max_buffered_input=100)
     conn = greeted(config)
     packet = b"USER a\r\n" * 11 + b"USER abcde\r\n"
     assert len(packet) == 100
@@ -1081,7 +1193,7 @@ def test_too_much_input_in_one_packet() -> None:
 
 
 def test_too_much_input_while_paused() -> None:
-    config = Config(max_line_length=32, max_sasl_line_length=64, max_buffered_input=100)
+    config = cfg(max_line_length=32, max_sasl_line_length=64, max_buffered_input=100)
     conn = logged_in(config)
     assert feed(conn, b"RETR 1\r\nNOOP\r\n") == [RetrieveMessage(number=1, key="m1", size=120)]
     conn.receive_data(b"NOOP\r\n" * 20)
@@ -1342,8 +1454,24 @@ def test_retr_ok_text_and_stats(txn: Connection) -> None:
     assert txn.sending_lines
     txn.send(EndOfMessage())
     assert not txn.sending_lines
-    assert txn.data_to_send() == W("+OK message follows", R.END)
+    assert txn.data_to_send() == W("+OK message follows", "", R.END)  # no data: one empty line
     assert txn.stats.retrieved == 1
+
+
+@pytest.mark.parametrize("command", [b"RETR 1", b"TOP 1 0", b"TOP 1 5"])
+@pytest.mark.parametrize("chunks", [[], [b""], [b"", b""]])
+def test_empty_message_is_one_empty_line(command: bytes, chunks: list[bytes]) -> None:
+    # Tcllib's pop3 client reads a bare terminator after the status line as
+    # data and waits forever; Dovecot sends one empty line, and so do we.
+    conn = logged_in(messages=[b""])
+    assert chat(conn, b"STAT\r\nLIST\r\n") == W("+OK 1 2", "+OK 1 messages (2 octets)", "1 2", ".")
+    assert len(feed(conn, command + b"\r\n")) == 1
+    conn.send(Ok())
+    for chunk in chunks:
+        conn.send(Data(data=chunk))
+    conn.send(EndOfMessage())
+    first = "+OK 2 octets" if command.startswith(b"RETR") else R.OK
+    assert conn.data_to_send() == W(first, "", ".")
 
 
 @pytest.mark.parametrize(
@@ -1486,7 +1614,7 @@ def test_pending_event_pauses_later_commands(txn: Connection) -> None:
 
 
 def test_output_high_water_pauses_until_drained() -> None:
-    conn = greeted(Config(output_high_water=64))
+    conn = greeted(cfg(output_high_water=64))
     capa = W(*R.CAPA_AUTHORIZATION)
     assert len(capa) > 64
     assert feed(conn, b"CAPA\r\n" * 4 + b"QUIT\r\n") == []
@@ -1504,7 +1632,7 @@ def test_output_high_water_pauses_until_drained() -> None:
 
 
 def test_output_high_water_with_retr() -> None:
-    conn = logged_in(Config(output_high_water=64))
+    conn = logged_in(cfg(output_high_water=64))
     feed(conn, b"RETR 1\r\nSTAT\r\n")
     conn.send(Ok())
     conn.send(Data(data=MSG1))
@@ -1614,6 +1742,34 @@ def test_properties_through_a_session() -> None:
     assert conn.phase is Phase.TRANSACTION
 
 
+def test_partial_line_tells_the_host_a_command_is_split() -> None:
+    # A client that writes "NOOP" and "\r\n" in two sends: the host can see
+    # the first read ended inside a line (and set TCP_QUICKACK).
+    conn = logged_in()
+    assert not conn.partial_line
+    conn.receive_data(b"NOOP")
+    assert conn.partial_line
+    assert conn.next_event() is NEED_DATA
+    assert conn.partial_line
+    conn.receive_data(b"\r")
+    assert conn.partial_line
+    conn.receive_data(b"\nSTAT\r\n")
+    assert not conn.partial_line  # complete lines are waiting, none is cut
+    assert next_events(conn) == []
+    assert conn.data_to_send() == W(R.OK, "+OK 2 320")
+    assert not conn.partial_line
+
+
+def test_buffered_output_counts_what_data_to_send_would_give() -> None:
+    conn = logged_in()
+    assert conn.buffered_output == 0
+    conn.receive_data(b"NOOP\r\nSTAT\r\n")
+    assert next_events(conn) == []
+    assert conn.buffered_output == len(b"+OK\r\n+OK 2 320\r\n")
+    assert conn.buffered_output == len(conn.data_to_send())
+    assert conn.buffered_output == 0
+
+
 def test_stats() -> None:
     conn = logged_in()
     retr(conn, [MSG1])
@@ -1635,7 +1791,7 @@ def test_stats() -> None:
 
 def test_trace_redacts_secrets() -> None:
     seen: list[tuple[str, str]] = []
-    conn = greeted(Config(trace=lambda who, line: seen.append((who, line))))
+    conn = greeted(cfg(trace=lambda who, line: seen.append((who, line))))
     feed(conn, b"CAPA x\r\nPASS\r\nUSER mrose\r\nPASS hunter2\r\n")
     conn.send(Err(code="AUTH"))
     # A SASL answer pipelined after a refused AUTH arrives as an unknown command.
@@ -1679,6 +1835,61 @@ def test_trace_redacts_secrets() -> None:
     ]
     assert "hunter2" not in repr(seen)
     assert "AGEAYg==" not in repr(seen)
+
+
+@pytest.mark.parametrize("sep", [b" ", b"\t", b"\x0b", b"\x0c", b" \t "])
+def test_trace_redaction_follows_the_parsers_splitting(sep: bytes) -> None:
+    # Whatever whitespace the parser takes between arguments, the trace takes too.
+    seen: list[tuple[str, str]] = []
+    config = cfg(apop=True, trace=lambda who, line: seen.append((who, line)))
+    conn = greeted(config, apop=True)
+    digest = "c4c9334bac560ecc979e58001b3e22fb"
+    events = feed(conn, b"AUTH" + b" PLAIN" + sep + b"AGEAYg==\r\n")
+    assert events == [AuthStart(mechanism="PLAIN", initial_response=b"\x00a\x00b")]
+    conn.send(Err())
+    events = feed(conn, b"APOP mrose" + sep + digest.encode() + b"\r\n")
+    assert events == [ApopLogin(username="mrose", digest=digest)]
+    conn.send(Err())
+    feed(conn, b"APOP mrose" + sep + b"x\r\n")  # malformed, still redacted
+    feed(conn, b"AUTH AGEAYg==\r\n")  # no mechanism name: maybe a misplaced secret
+    feed(conn, b"AUTH\r\n")
+    commands = [line for who, line in seen if who == "C"]
+    assert commands == [
+        "AUTH PLAIN ***", "APOP mrose ***", "APOP mrose ***", "AUTH ***", "AUTH"
+    ]
+    assert "AGEAYg" not in repr(seen)
+    assert digest not in repr(seen)
+
+
+def test_trace_of_overlong_lines() -> None:
+    seen: list[tuple[str, str]] = []
+    conn = greeted(cfg(trace=lambda who, line: seen.append((who, line))))
+    secret = b64("\0mrose\0" + "p" * 9000)
+    feed(conn, f"PASS {secret}\r\n".encode())
+    feed(conn, b"AUTH PLAIN\r\n")
+    conn.send(SaslChallenge())
+    feed(conn, secret.encode() + b"\r\n")
+    assert [line for who, line in seen if who == "C"] == [
+        "(line too long)", "AUTH PLAIN", "***"
+    ]
+    assert secret[20:40] not in repr(seen)
+
+
+def test_event_reprs_hide_secrets() -> None:
+    secrets = ["hunter2", "c4c9334bac560ecc979e58001b3e22fb", "AGEAYg", "\\x00a\\x00b"]
+    events = [
+        Login(username="mrose", password="hunter2"),
+        ApopLogin(username="mrose", digest="c4c9334bac560ecc979e58001b3e22fb"),
+        AuthStart(mechanism="PLAIN", initial_response=b"\x00a\x00b"),
+        AuthResponse(data=b"\x00a\x00b"),
+    ]
+    shown = repr(events)
+    assert "mrose" in shown
+    assert "PLAIN" in shown
+    for secret in secrets:
+        assert secret not in shown
+    # Equality still sees the secrets.
+    assert Login(username="a", password="x") != Login(username="a", password="y")
 
 
 # ================================================================ value checks
@@ -1767,3 +1978,142 @@ def test_a_malformed_pass_ends_the_user_pass_pair(conn: Connection) -> None:
     assert chat(conn, b"PASS\r\n") == W(R.SYNTAX)
     assert chat(conn, b"PASS secret\r\n") == W(R.NO_USERNAME)
     assert conn.pending is None
+
+
+# ================================================================ the README's example
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_example() -> str:
+    """The code of README.md's "The core in 25 lines" section."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"## The core in 25 lines\n\n```python\n(.*?)```", text, re.S)
+    assert match is not None
+    return match.group(1)
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [
+        (b"USER bob\r\nPASS secret\r\nSTAT\r\nRETR 1\r\nTOP 1 0\r\nQUIT\r\n", "..dots"),
+        (b"USER bob\r\nPASS wrong\r\nQUIT\r\n", "-ERR [AUTH] Authentication failed."),
+        (b"AUTH PLAIN AGJvYgBzZWNyZXQ=\r\nAUTH PLAIN\r\n*\r\nQUIT\r\n", R.UNSUPPORTED_MECHANISM),
+        (b"STLS\r\nQUIT\r\n", R.STLS_DISABLED),
+        (b"APOP bob c4c9334bac560ecc979e58001b3e22fb\r\nQUIT\r\n", R.APOP_UNAVAILABLE),
+        (b"\xff\xfe\x01garbage\r\nHELO\r\n\x1b[2J\r\nXYZZY\r\n", R.TOO_MANY_BAD),
+        (b"NOOP\x00\r\n", R.NUL_IN_COMMAND),
+        (b"USER bob\r\nPASS secret\r\n" + b"LIST\r\n" * 20000, "+OK 1 messages"),
+        (b"", "+OK POP3 ready."),  # EOF at once
+    ],
+    ids=["session", "bad-password", "auth", "stls", "apop", "garbage", "nul", "flood", "eof"],
+)
+def test_readme_example_ends_on_any_input(client: bytes, expected: str) -> None:
+    """The README's loop answers whatever a client sends, and ends (never spins)."""
+    code = readme_example()
+    assert len(re.findall(r"(?m)^client = ", code)) == 1
+    code = re.sub(r"(?m)^client = .*$", lambda _: f"client = {client!r}", code)
+    result = subprocess.run(
+        [sys.executable, "-"], input=code.encode(), cwd=ROOT, capture_output=True, timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    out = result.stdout.decode()
+    assert out.startswith("+OK POP3 ready.")
+    assert expected in out
+
+
+def test_a_bare_config_offers_nothing_the_application_must_implement() -> None:
+    assert Config().sasl_mechanisms == ()
+    conn = Connection()
+    conn.send(Greeting())
+    conn.data_to_send()
+    capa = chat(conn, b"CAPA\r\n")
+    assert b"SASL" not in capa
+    assert b"STLS" not in capa
+    assert chat(conn, b"AUTH PLAIN AGEAYg==\r\nAUTH\r\n") == W(R.UNSUPPORTED_MECHANISM, "+OK", ".")
+
+
+def test_public_names() -> None:
+    import pop3proto
+
+    assert not {"Sentinel", "Stats", "DotStuffer", "WireSizer"} & set(pop3proto.__all__)
+    assert "AuthAborted" in pop3proto.__all__
+    for name in pop3proto.__all__:
+        assert getattr(pop3proto, name) is not None
+    # Internals left __all__ but old imports keep working.
+    from pop3proto import DotStuffer, Sentinel, Stats, WireSizer
+    from pop3proto._connection import Sentinel as S
+    from pop3proto._connection import Stats as T
+    from pop3proto._writers import DotStuffer as D
+    from pop3proto._writers import WireSizer as Z
+
+    assert (Sentinel, Stats, DotStuffer, WireSizer) == (S, T, D, Z)
+    with pytest.raises(AttributeError):
+        pop3proto.NoSuchName  # noqa: B018
+
+
+# ================================================================ errors: whose, and after what
+
+
+def test_after_send_failed_calls_say_the_transport_failed() -> None:
+    conn = logged_in()
+    conn.send_failed()
+    assert conn.phase is Phase.ERROR
+    with pytest.raises(LocalProtocolError, match="transport could not deliver"):
+        conn.next_event()
+    with pytest.raises(LocalProtocolError, match="transport could not deliver"):
+        conn.send(Ok())
+
+
+def test_after_a_misuse_calls_say_it_was_a_misuse() -> None:
+    conn = greeted()
+    with pytest.raises(LocalProtocolError, match="no event pending"):
+        conn.send(Ok())
+    with pytest.raises(LocalProtocolError, match="API misuse: Ok sent with no event pending"):
+        conn.next_event()
+
+
+def test_after_the_clients_error_send_says_so() -> None:
+    conn = greeted()
+    with pytest.raises(RemoteProtocolError):
+        feed(conn, b"\x00\r\n")
+    with pytest.raises(LocalProtocolError, match="client's protocol error: NUL"):
+        conn.send(Ok())
+
+
+class Boom(Exception):
+    """Raised by a trace callback."""
+
+
+def exploding_trace(who: str, line: str) -> None:
+    if line.startswith("+OK 2 320") or line == "RETR 1":
+        raise Boom(line)
+
+
+@pytest.mark.parametrize("line", [b"RETR 1\r\n", b"STAT\r\n"])
+def test_an_exception_inside_leaves_the_connection_in_error(line: bytes) -> None:
+    # RETR: the command's trace raises; STAT: the trace of its reply raises.
+    conn = logged_in(cfg(trace=exploding_trace))
+    conn.receive_data(line)
+    with pytest.raises(Boom):
+        conn.next_event()
+    assert conn.phase is Phase.ERROR
+    assert conn.pending is None
+    assert not conn.sending_lines
+    with pytest.raises(LocalProtocolError, match="unexpected Boom inside next_event"):
+        conn.next_event()
+    with pytest.raises(LocalProtocolError, match="unexpected Boom"):
+        conn.send(Ok())
+
+
+def test_an_exception_inside_send_leaves_the_connection_in_error() -> None:
+    conn = logged_in(cfg(trace=lambda who, line: None))
+    assert len(feed(conn, b"RETR 1\r\n")) == 1
+    conn.config = cfg(trace=exploding_trace)  # the next status line raises
+    with pytest.raises(Boom):
+        conn.send(Ok(text="2 320"))
+    assert conn.phase is Phase.ERROR
+    assert not conn.sending_lines
+    with pytest.raises(LocalProtocolError, match="unexpected Boom inside send"):
+        conn.send(EndOfMessage())

@@ -14,7 +14,7 @@ def info(n: int, size: int = 10) -> MessageInfo:
 
 @pytest.fixture
 def drop() -> Maildrop:
-    return Maildrop([info(1, 100), info(2, 20), info(3, 3), info(4, 0)])
+    return Maildrop([info(1, 100), info(2, 20), info(3, 3), info(4, 2)])
 
 
 @pytest.mark.parametrize(
@@ -37,18 +37,25 @@ def test_valid_uid(uid: str, valid: bool) -> None:
 
 
 def test_message_info_checks_its_fields() -> None:
-    assert MessageInfo(key="k", size=0, uid="u").size == 0
+    assert MessageInfo(key="k", size=5, uid="u").size == 5
     with pytest.raises(ValueError, match="negative message size"):
         MessageInfo(key="k", size=-1, uid="u")
     with pytest.raises(ValueError, match="invalid UIDL"):
         MessageInfo(key="k", size=1, uid="a b")
 
 
+def test_an_empty_message_is_listed_at_the_size_retr_sends() -> None:
+    # RETR sends an empty message as one empty line (CRLF): a store that measured
+    # the file as 0 octets must not make LIST and STAT disagree with RETR.
+    assert MessageInfo(key="k", size=0, uid="u").size == 2
+    assert MessageInfo(key="k", size=3, uid="u").size == 3
+
+
 def test_numbering_and_totals(drop: Maildrop) -> None:
     assert drop.count == 4
-    assert drop.octets == 123
+    assert drop.octets == 125
     assert drop.get(1) == info(1, 100)
-    assert drop.get(4) == info(4, 0)
+    assert drop.get(4) == info(4, 2)
     for number in (0, 5, -1):
         assert drop.get(number) is None
         assert not drop.exists(number)
@@ -62,8 +69,8 @@ def test_marks_hide_messages_and_keep_numbers(drop: Maildrop) -> None:
     assert drop.exists(2)
     assert drop.get(3) == info(3, 3)
     assert drop.count == 3
-    assert drop.octets == 103
-    assert drop.live() == [(1, info(1, 100)), (3, info(3, 3)), (4, info(4, 0))]
+    assert drop.octets == 105
+    assert drop.live() == [(1, info(1, 100)), (3, info(3, 3)), (4, info(4, 2))]
 
 
 def test_deleted_keys_are_in_number_order(drop: Maildrop) -> None:
@@ -80,7 +87,7 @@ def test_reset_unmarks_everything(drop: Maildrop) -> None:
     drop.mark(2)
     drop.reset()
     assert drop.count == 4
-    assert drop.octets == 123
+    assert drop.octets == 125
     assert drop.deleted_keys() == ()
     assert drop.get(1) == info(1, 100)
 
@@ -90,7 +97,7 @@ def test_mark_refuses_absent_messages(drop: Maildrop, number: int) -> None:
     with pytest.raises(ValueError, match="absent or already marked"):
         drop.mark(number)
     assert drop.count == 4
-    assert drop.octets == 123
+    assert drop.octets == 125
     assert drop.deleted == set()
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import replies as R
-from helpers import feed, feed_bytewise, greeted, logged_in, next_events
+from helpers import cfg, feed, feed_bytewise, greeted, logged_in, next_events
 
 from pop3proto import (
     ApopLogin,
     AuthStart,
-    Config,
     Connection,
     Err,
     Event,
@@ -166,7 +165,7 @@ TRANSACTION_LINES: list[tuple[bytes, bytes, list[Event], bytes]] = [
     (b"", b"UTF8\r\n", [], W(R.WRONG_STATE)),
 ]
 
-NO_IMPL = Config(implementation=None, apop=True)
+NO_IMPL = cfg(implementation=None, apop=True)
 
 
 def setup(phase: str, lines: bytes) -> Connection:

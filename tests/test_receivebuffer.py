@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pop3proto._receivebuffer import ReceiveBuffer
+from pop3proto._receivebuffer import OVERLONG, ReceiveBuffer
 
 
 def drain(buf: ReceiveBuffer) -> list[bytes]:
@@ -125,3 +125,46 @@ def test_clear_discards_everything() -> None:
     assert buf.buffered == 0
     buf.feed(b"CAPA\r\n")
     assert drain(buf) == [b"CAPA\r"]
+
+
+def test_skipping_an_overlong_line() -> None:
+    buf = ReceiveBuffer()
+    buf.feed(b"NOOP\nabc")
+    assert buf.next_line() == b"NOOP"
+    assert buf.partial_line
+    buf.skip_partial()
+    assert buf.skipping
+    assert buf.partial_line
+    assert (buf.skipped, buf.partial_length, buf.buffered) == (3, 0, 0)
+    buf.feed(b"defg")
+    assert buf.skipped == 7
+    assert buf.next_line() is None
+    buf.feed(b"\r\n")  # the line ends exactly at the end of a feed
+    assert not buf.skipping
+    assert not buf.partial_line
+    assert buf.skipped == 0
+    assert buf.next_line() is OVERLONG
+    assert buf.next_line() is None
+    assert buf.buffered == 0
+
+
+def test_skipping_ends_inside_a_feed() -> None:
+    buf = ReceiveBuffer()
+    buf.feed(b"x" * 10)
+    buf.skip_partial()
+    buf.feed(b"yy\nSTAT\nLI")
+    assert [buf.next_line(), buf.next_line(), buf.next_line()] == [OVERLONG, b"STAT", None]
+    assert buf.partial_length == 2
+    assert buf.buffered == 2
+    assert buf.partial_line
+
+
+def test_clear_stops_skipping() -> None:
+    buf = ReceiveBuffer()
+    buf.feed(b"x")
+    buf.skip_partial()
+    buf.clear()
+    assert not buf.skipping
+    assert buf.skipped == 0
+    buf.feed(b"CAPA\n")
+    assert buf.next_line() == b"CAPA"

@@ -280,3 +280,16 @@ def test_scram_authzid_must_be_the_user(first: bytes, ok: bool) -> None:
         assert isinstance(step, NeedSecret)
     else:
         assert step == Failure("Authorization identity not allowed.")
+
+
+def test_credential_reprs_hide_secrets() -> None:
+    shown = repr(
+        [
+            _sasl.PasswordCredentials(authcid="mrose", password="hunter2"),
+            _sasl.CramCredentials(username="mrose", digest="d" * 32, challenge=b"<1@x>"),
+            _sasl.TokenCredentials(username="mrose", token="ya29.token"),
+        ]
+    )
+    assert "mrose" in shown
+    for secret in ("hunter2", "d" * 32, "ya29.token"):
+        assert secret not in shown

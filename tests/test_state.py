@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import replies as R
-from helpers import feed, greeted, logged_in, next_events
+from helpers import cfg, feed, greeted, logged_in, next_events
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -38,12 +38,12 @@ from pop3proto import (
     Response,
     RetrieveMessage,
     SaslChallenge,
-    Sentinel,
     TopOfMessage,
 )
-from pop3proto._state import ANSWERS, COMMANDS, KNOWN_COMMANDS
+from pop3proto._connection import Sentinel
+from pop3proto._state import ANSWERS, COMMANDS, KNOWN_COMMANDS, NEXT
 
-CONFIG = Config(apop=True, stls=True, max_bad_commands_before_login=1)
+CONFIG = cfg(apop=True, stls=True, max_bad_commands_before_login=1)
 
 
 def _greeting() -> Connection:
@@ -107,6 +107,7 @@ SITUATIONS: dict[str, Callable[[], Connection]] = {
     "auth-start-pending": _script(b"AUTH PLAIN\r\n"),
     "sasl-continuation": _script(b"AUTH PLAIN\r\n", SaslChallenge()),
     "auth-response-pending": _script(b"AUTH PLAIN\r\nAAAA\r\n", SaslChallenge()),
+    "auth-aborted-pending": _script(b"AUTH PLAIN\r\n*\r\n", SaslChallenge()),
     "stls-pending": _script(b"STLS\r\n"),
     "after-stls": _script(b"STLS\r\n", Ok()),
     "transaction": lambda: logged_in(CONFIG),
@@ -123,7 +124,7 @@ SITUATIONS: dict[str, Callable[[], Connection]] = {
     "closed-by-eof": _script(b""),
     "closed-by-disconnect": _script(b"CAPA\r\n", Disconnect(text="bye")),
     "closed-by-auth-failures": _script(
-        b"AUTH PLAIN =\r\n", Err(), config=Config(max_auth_failures=1)
+        b"AUTH PLAIN =\r\n", Err(), config=cfg(max_auth_failures=1)
     ),
     "refused-greeting": _greeting_refused,
     "error-misuse": _misused,
@@ -251,3 +252,31 @@ def test_tables_cover_every_event_that_waits() -> None:
     for answers in ANSWERS.values():
         assert answers
         assert Disconnect not in answers  # handled before the table, everywhere
+
+
+NEXT_SITUATIONS = {
+    "Login": "login-pending",
+    "ApopLogin": "apop-pending",
+    "AuthStart": "auth-start-pending",
+    "AuthResponse": "auth-response-pending",
+    "StartTLS": "stls-pending",
+    "Update": "update-pending",
+}
+
+
+@pytest.mark.parametrize(("event", "response"), sorted(NEXT, key=repr), ids=repr)
+def test_next_phase_table(event: type[Event], response: type[Response]) -> None:
+    """Each answer in NEXT leads where the table says (so the table cannot drift)."""
+    assert response in ANSWERS[event]
+    conn = SITUATIONS[NEXT_SITUATIONS[event.__name__]]()
+    assert type(conn.pending) is event
+    answer = LoginAccepted(maildrop=Maildrop()) if response is LoginAccepted else response()
+    conn.send(answer)
+    assert conn.phase is NEXT[(event, response)]
+
+
+def test_sasl_sub_state_reads_the_next_line_as_an_answer() -> None:
+    conn = SITUATIONS["sasl-continuation"]()
+    assert conn.pending is None
+    # "STAT" here is base64-looking data, not a command.
+    assert feed(conn, b"STAT\r\n")[0].__class__.__name__ == "AuthResponse"

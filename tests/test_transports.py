@@ -400,9 +400,16 @@ def test_a_failed_login_delay_does_not_block_other_clients(transport: str, env: 
             assert slow.line().startswith(b"-ERR [AUTH]")
 
 
-def test_a_line_too_long_is_refused_and_closed(serve: Server) -> None:
+def test_a_line_too_long_is_refused_and_the_session_reads_on(serve: Server) -> None:
     with Raw(port_of(serve)) as c:
-        c.send(b"USER " + b"a" * 5000 + b"\r\n")
+        c.send(b"USER " + b"a" * 5000 + b"\r\nCAPA\r\n")
+        assert c.line() == b"-ERR Line too long."
+        assert c.line().startswith(b"+OK")  # CAPA served after it
+
+
+def test_input_that_never_ends_a_line_is_closed(serve: Server) -> None:
+    with Raw(port_of(serve)) as c:
+        c.send(b"USER " + b"a" * (2 << 20))
         rest = c.closed()
         assert rest is not None
         assert rest.startswith(b"-ERR")

@@ -13,8 +13,8 @@ from helpers import MSG1, MSG2, crlf, top_oracle, unstuff
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pop3proto import DotStuffer, WireSizer, wire_size
-from pop3proto._writers import TopLimiter, status_line
+from pop3proto import wire_size
+from pop3proto._writers import DotStuffer, TopLimiter, WireSizer, status_line
 
 # ------------------------------------------------------------ status lines
 
@@ -146,13 +146,14 @@ def test_dot_stuffer_is_reusable_after_end() -> None:
     stuffer = DotStuffer()
     assert stuffer.feed(b"a\r") + stuffer.end() == b"a\r\n.\r\n"
     assert stuffer.feed(b".b") + stuffer.end() == b"..b\r\n.\r\n"
-    assert stuffer.end() == b".\r\n"
+    assert stuffer.end() == b"\r\n.\r\n"  # nothing fed: the empty message
 
 
 @pytest.mark.parametrize(
     ("chunks", "tail"),
     [
-        ([], b".\r\n"),
+        ([], b"\r\n.\r\n"),  # the empty message is one empty line
+        ([b""], b"\r\n.\r\n"),
         ([b"a\r\n"], b".\r\n"),
         ([b"a\n"], b".\r\n"),
         ([b"a"], b"\r\n.\r\n"),
@@ -174,7 +175,7 @@ def test_dot_stuffer_terminator(chunks: list[bytes], tail: bytes) -> None:
 @pytest.mark.parametrize(
     ("message", "size"),
     [
-        (b"", 0),
+        (b"", 2),  # sent as one empty line
         (b"a", 3),
         (b"a\n", 3),
         (b"a\r\n", 3),
@@ -205,7 +206,7 @@ def test_wire_sizer_every_split(message: bytes) -> None:
 
 def test_wire_sizer_total_so_far() -> None:
     sizer = WireSizer()
-    assert sizer.total() == 0
+    assert sizer.total() == 2  # nothing yet: the empty message, one empty line
     sizer.feed(b"ab")
     assert sizer.total() == 4
     sizer.feed(b"\r")
