@@ -106,7 +106,7 @@ def test_mark_refuses_marked_messages(drop: Maildrop) -> None:
     with pytest.raises(ValueError, match="absent or already marked"):
         drop.mark(1)
     assert drop.count == 3
-    assert drop.octets == 23
+    assert drop.octets == 25
 
 
 def test_empty_maildrop() -> None:
