@@ -221,7 +221,7 @@ class _Loop:
     def _kill(self, c: _Client) -> None:
         if not c.closed:
             c.handshaking = False  # a handshake in progress is abandoned, not finished
-            if len(c.out) >= _HIGH:  # the client does not read: no goodbye can reach it
+            if c.out:  # the socket is full (the client does not read): no goodbye gets through
                 self._lost(c, ConnectionAbortedError("server shutting down"))
                 return
             c.driver.shutdown()
@@ -441,7 +441,7 @@ class _Loop:
             if c.handshaking:
                 c.handshaking = False
                 c.driver.connection_lost(TimeoutError("TLS handshake timed out"))
-            elif c.out and len(c.out) >= _HIGH:  # the client does not read: give up on it
+            elif c.out:  # the socket took nothing more by the write's deadline
                 self._lost(c, TimeoutError("write timed out"))
                 return
             self._pump(c)
