@@ -55,15 +55,21 @@ class TransportHandle(Protocol):
         """Wait until the transport has stopped; True if it did."""
 
 
-def is_loopback(host: str) -> bool:
-    """Whether *host* is a loopback address (127/8, ::1, v4-mapped loopback)."""
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """*host* as an address (a v4-mapped IPv6 one as IPv4), or None if it is not one."""
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_loopback
+        return addr.ipv4_mapped
+    return addr
+
+
+def is_loopback(host: str) -> bool:
+    """Whether *host* is a loopback address (127/8, ::1, v4-mapped loopback)."""
+    addr = _ip(host)
+    return addr is not None and addr.is_loopback
 
 
 def load_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
@@ -296,6 +302,14 @@ class Server:
             except Exception:
                 pass
 
+    def serve_forever(self) -> None:
+        """Bring the server up if it is not, then wait until it is destroyed or brought down."""
+        if self._state != "up":
+            self.up()
+        handle = self._handle
+        if handle is not None:
+            handle.join(None)
+
     def wait_sessions(self, timeout: float | None = None) -> bool:
         """Wait until no session is live; True if none is."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -320,13 +334,8 @@ class Server:
 
     def proxy_trusted(self, host: str) -> bool:
         """Whether *host* may send a PROXY header (it is in ``trusted_proxies``)."""
-        try:
-            addr = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self._trusted)
+        addr = _ip(host)
+        return addr is not None and any(addr in net for net in self._trusted)
 
     # ------------------------------------------------------------------ connections
 

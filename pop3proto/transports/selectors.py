@@ -472,12 +472,9 @@ def start(server: Server) -> _Loop:
 
 
 def serve(server: Server) -> None:
-    """Serve in this thread until ``server.destroy()`` (or ``down()``) stops listening."""
-    if server.state != "up":
-        server.up()
-    handle = server._handle
-    if handle is not None:
-        handle.join(None)
+    """Serve until ``server.destroy()`` (or ``down()``) stops listening (``serve_forever``)."""
+    server.configure(transport="selectors") if server.state == "down" else None
+    server.serve_forever()
 
 
 def main(argv: list[str] | None = None) -> int:
