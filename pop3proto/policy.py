@@ -128,11 +128,17 @@ class Policy:
         """Make the Connection (its config may need the authenticator), then greet."""
         driver, settings = self.driver, self.settings
         auth = settings.auth
-        config = yield Call(
-            self.services.session_config,
-            (driver.peer[0], driver.tls, driver.id),
-            auth is None or runs_inline(getattr(auth, "lookup", None)),
-        )
+        try:
+            config = yield Call(
+                self.services.session_config,
+                (driver.peer[0], driver.tls, driver.id),
+                auth is None or runs_inline(getattr(auth, "lookup", None)),
+            )
+        except Exception as exc:  # the host could not run it (no thread under a task limit)
+            driver.log_error("session set-up failed", exc)
+            driver.end_reason = "Set-up failed"
+            yield Disconnect(text="Server is busy, try again later.", code="SYS/TEMP")
+            return
         driver.attach(config)
         if config.apop and (config.cleartext_auth or driver.tls):
             # Only where APOP is usable now: the timestamp is how clients detect it.

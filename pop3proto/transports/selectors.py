@@ -24,8 +24,8 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -70,7 +70,7 @@ class _Loop:
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self.seq = itertools.count()
         self.actions: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self.pool = ThreadPoolExecutor(_POOL, thread_name_prefix="pop3proto-call")
+        self.pool = _Pool(_POOL)
         self.rwake, self.wwake = socket.socketpair()
         self.stopping = self.paused = False
         self.stopped = threading.Event()
@@ -116,7 +116,7 @@ class _Loop:
                 self._lost(c)
             for sock in list(self.proxied):
                 self._unproxy(sock, True)
-            self.pool.shutdown(wait=False)
+            self.pool.shutdown()
             self.sel.close()
             self.rwake.close()
             self.wwake.close()
@@ -282,10 +282,12 @@ class _Loop:
                 if action.inline:
                     self._report(c, action)
                 else:
+                    try:
+                        self.pool.submit(partial(self._in_thread, c, action))
+                    except RuntimeError as exc:  # no thread to be had (a task limit)
+                        driver.call_failed(exc)
+                        continue
                     c.in_call = True
-                    self.pool.submit(run_call, action).add_done_callback(
-                        partial(self._call_done, c)
-                    )
                     return
             elif action is START_TLS:
                 c.tls = driver.ssl_context.wrap_bio(c.bio_in, c.bio_out, server_side=True)
@@ -306,16 +308,19 @@ class _Loop:
         except Exception as exc:
             c.driver.call_failed(exc)
 
-    def _call_done(self, c: _Client, future: Future[Any]) -> None:
-        """In a pool thread: hand the result to the loop."""
+    def _in_thread(self, c: _Client, action: Call) -> None:
+        """In a pool thread: run the call, hand the result to the loop."""
+        try:
+            value, error = run_call(action), None
+        except Exception as exc:
+            value, error = None, exc
 
         def done() -> None:
             c.in_call = False
-            exc = future.exception()
-            if exc is not None:
-                c.driver.call_failed(exc)
+            if error is not None:
+                c.driver.call_failed(error)
             else:
-                c.driver.call_done(future.result())
+                c.driver.call_done(value)
             self._pump(c)
 
         self.call_soon(done)
@@ -462,6 +467,55 @@ class _Loop:
         if len(self.timers) > 64 + 4 * len(self.clients):  # forget the dead ones' timers
             self.timers = [t for t in self.timers if t[0] > time.monotonic()]
             heapq.heapify(self.timers)
+
+
+class _Pool:
+    """Worker threads for blocking Calls, started on demand, at most *size*.
+
+    ``submit`` raises RuntimeError, with nothing queued, when no worker is
+    free and none can be started (a pids/task limit): the call fails at once
+    instead of running later for a session that is gone.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.jobs: deque[Callable[[], None]] = deque()
+        self.cond = threading.Condition()
+        self.threads = self.idle = 0
+        self.closed = False
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run *job* in a worker thread (RuntimeError if no thread can be had)."""
+        with self.cond:
+            if self.idle <= len(self.jobs) and self.threads < self.size:
+                thread = threading.Thread(target=self._work, daemon=True,
+                                          name=f"pop3proto-call-{self.threads}")
+                thread.start()  # raises RuntimeError under a task limit: nothing queued
+                self.threads += 1
+            self.jobs.append(job)
+            self.cond.notify()
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                self.idle += 1
+                while not self.jobs and not self.closed:
+                    self.cond.wait()
+                self.idle -= 1
+                if not self.jobs:
+                    self.threads -= 1
+                    return
+                job = self.jobs.popleft()
+            try:
+                job()
+            except Exception:  # pragma: no cover - _in_thread catches what calls raise
+                pass
+
+    def shutdown(self) -> None:
+        """Let the workers end once the queued jobs are done."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
 
 
 def start(server: Server) -> _Loop:
