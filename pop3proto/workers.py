@@ -36,7 +36,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .limits import SharedPenalties
+from .shared_penalties import SharedPenalties
 
 if TYPE_CHECKING:
     from .server import Server

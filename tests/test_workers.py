@@ -30,7 +30,8 @@ from typing import Any
 import pytest
 from tlsutil import HOST, TLSFiles
 
-from pop3proto.limits import Penalties, SharedPenalties
+from pop3proto.limits import Penalties
+from pop3proto.shared_penalties import SharedPenalties
 
 # ------------------------------------------------------------------ the table
 
