@@ -64,7 +64,8 @@ def test_failed_logins_are_delayed_doubling_per_address_and_close_after_3(
         reply, took = timed_pass(c, "nobody", "wrong")
         assert reply == b"-ERR [AUTH] Authentication failed."
         delays.append(took)
-        # A success resets the count for the address.
+        # A success does not reset the count (issue 15, finding 8): an attacker who
+        # owns one account must not guess faster; penalties decay with time only.
         reply, _ = timed_pass(c, "alice", USERS["alice"])
         assert reply.startswith(b"+OK")
         assert c.cmd("QUIT").startswith(b"+OK")
@@ -72,7 +73,7 @@ def test_failed_logins_are_delayed_doubling_per_address_and_close_after_3(
         reply, took = timed_pass(c, "alice", "wrong")
         delays.append(took)
     figure("failed_login_delays_s", [round(d, 3) for d in delays])
-    for got, want in zip(delays, [0.2, 0.4, 0.8, 1.6, 0.2], strict=True):
+    for got, want in zip(delays, [0.2, 0.4, 0.8, 1.6, 3.2], strict=True):
         assert want - 0.01 <= got <= want + 0.3, delays
 
 

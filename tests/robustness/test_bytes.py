@@ -176,6 +176,8 @@ BODIES = [
 def expected_wire(data: bytes) -> bytes:
     """The message as the client must see it after un-stuffing (RFC 1939; DotStuffer.end)."""
     out = re.sub(rb"\r?\n", b"\r\n", data)
+    if not out:
+        return b"\r\n"  # an empty message is sent as one empty line (Tcllib's client needs it)
     if out.endswith(b"\r"):
         return out + b"\n"
     if out and not out.endswith(b"\n"):
