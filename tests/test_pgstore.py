@@ -58,14 +58,7 @@ _names = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[pgserver.PgCluster]:
-    try:
-        pg = pgserver.PgCluster.start()
-    except pgserver.PgUnavailable as e:
-        pytest.skip(str(e))
-    try:
-        yield pg
-    finally:
-        pg.stop()
+    yield from pgserver.running_or_skip()
 
 
 @pytest.fixture

@@ -96,16 +96,7 @@ class TestAsyncStorage(StorageContract):
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[pgserver.PgCluster]:
-    pytest.importorskip("psycopg")
-    pytest.importorskip("psycopg_pool")
-    try:
-        pg = pgserver.PgCluster.start()
-    except pgserver.PgUnavailable as e:
-        pytest.skip(str(e))
-    try:
-        yield pg
-    finally:
-        pg.stop()
+    yield from pgserver.running_or_skip()
 
 
 class TestPgStore(StorageContract):
