@@ -24,10 +24,11 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PgCluster", "PgUnavailable", "find_bindir"]
+__all__ = ["PgCluster", "PgUnavailable", "find_bindir", "running_or_skip"]
 
 _RUN_AS = "postgres"
 
@@ -213,3 +214,24 @@ class PgCluster:
         with psycopg.connect(self.conninfo("postgres"), autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.conninfo(name)
+
+
+def running_or_skip() -> Iterator[PgCluster]:
+    """The body of a pytest fixture: a started cluster, stopped afterwards.
+
+    Use as ``yield from pgserver.running_or_skip()``.  The calling test skips
+    when psycopg, psycopg_pool or the server binaries are missing, or when
+    the cluster cannot start (the reason is in the skip message).
+    """
+    import pytest
+
+    pytest.importorskip("psycopg")
+    pytest.importorskip("psycopg_pool")
+    try:
+        cluster = PgCluster.start()
+    except PgUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -1,4 +1,9 @@
-"""MaildirStorage on a tmp_path Maildir: moves, sizes, cache, UIDLs, locking, deletion."""
+"""MaildirStorage on a tmp_path Maildir: moves, sizes, cache, UIDLs, locking, deletion.
+
+The storage contract that every store keeps runs in tests/test_storage_contract.py;
+these are the cases only a Maildir has (files placed by other programs, flag renames,
+the size cache, Dovecot's UID list, locks across processes, the deletion journal).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,10 +24,11 @@ from typing import Any
 import pytest
 
 import pop3proto
+from pop3proto import contract
 from pop3proto._maildrop import MessageInfo
 from pop3proto._writers import wire_size
 from pop3proto.maildir import MaildirStorage, MessageTooBig, valid_mailbox_name
-from pop3proto.storage import MessageGone, Storage, StorageError
+from pop3proto.storage import MessageGone, StorageError
 
 T0 = 1700000000
 
@@ -134,10 +139,6 @@ def test_hostile_names_refused_without_touching_disk(tmp_path: Path, name: str) 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_is_a_storage(store: MaildirStorage) -> None:
-    assert isinstance(store, Storage)
-
-
 # -- scan: moves, order, sizes -------------------------------------------------
 
 
@@ -186,13 +187,8 @@ def test_order_is_delivery_time_not_name(tmp_path: Path, store: MaildirStorage) 
 
 
 BODIES = {
-    "lf": b"Subject: x\n\nline one\nline two\n",
-    "crlf": b"Subject: x\r\n\r\nline one\r\nline two\r\n",
-    "no-final-newline": b"Subject: x\n\nno newline at the end",
-    "dots": b"Subject: x\n\n.leading dot\n..two dots\n.\nend\n",
+    **contract.BODIES,  # the messages every store holds, and some only files on disk meet
     "mixed": b"a\r\nb\nc\r\r\nd\r",
-    "empty": b"",
-    "chunk-split-crlf": b"x" * (64 * 1024 - 1) + b"\r\n" + b"y\n" * 10,
     "big-lf": b"0123456789abcdef\n" * 20000,
 }
 
@@ -294,13 +290,6 @@ def test_create_makes_the_maildrop(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path / "root")) == [".pop3proto-locks", "carol"]
 
 
-def test_methods_need_the_lock(store: MaildirStorage) -> None:
-    store.deliver("alice", b"x\n")
-    for call in (lambda: store.scan("alice"), lambda: store.dele("alice", [])):
-        with pytest.raises(StorageError, match="not locked"):
-            call()
-
-
 # -- UIDLs ---------------------------------------------------------------------
 
 
@@ -366,35 +355,6 @@ def test_unreadable_uidlist_is_ignored(tmp_path: Path, store: MaildirStorage) ->
 # -- locking -------------------------------------------------------------------
 
 
-def test_lock_is_exclusive_within_a_process(tmp_path: Path, store: MaildirStorage) -> None:
-    other = MaildirStorage(tmp_path)
-    assert store.lock("alice")
-    assert not store.lock("alice")
-    assert not other.lock("alice")
-    assert other.lock("bob")  # another user is independent
-    store.unlock("alice")
-    store.unlock("alice")  # idempotent
-    assert other.lock("alice")
-    assert not store.lock("alice")
-
-
-def test_lock_is_thread_safe(store: MaildirStorage) -> None:
-    store.deliver("alice", b"x\n")
-    results: list[bool] = []
-    barrier = threading.Barrier(16)
-
-    def grab() -> None:
-        barrier.wait()
-        results.append(store.lock("alice"))
-
-    threads = [threading.Thread(target=grab) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(results) == [False] * 15 + [True]
-
-
 CHILD = """
 import sys, time
 from pop3proto.maildir import MaildirStorage
@@ -436,12 +396,6 @@ def test_get_follows_a_flag_rename(tmp_path: Path, store: MaildirStorage) -> Non
     with store.get("alice", key) as f:
         assert f.read() == b"hello\n"
     assert store.path("alice", key) == str(cur / (key + ":2,RS"))
-
-
-def test_get_unknown_key(store: MaildirStorage) -> None:
-    session(store)
-    with pytest.raises(MessageGone):
-        store.get("alice", "no-such-key")
 
 
 def replace_with_dir(p: Path) -> None:
@@ -508,14 +462,6 @@ def test_dele_drops_deleted_entries_from_cache(tmp_path: Path, store: MaildirSto
     store.dele("alice", [f"{T0}.M1P1.h"])
     assert f"{T0}.M1P1.h" not in cache.read_text()
     assert f"{T0}.M2P1.h" in cache.read_text()
-
-
-def test_dele_of_vanished_message_is_fine(tmp_path: Path, store: MaildirStorage) -> None:
-    k1, k2 = (store.deliver("alice", b"m%d\n" % i) for i in range(2))
-    session(store)
-    (tmp_path / "alice" / "cur" / (k1 + ":2,")).unlink()
-    store.dele("alice", [k1, k2])
-    assert files(tmp_path, "cur") == []
 
 
 def test_dele_unknown_key_deletes_nothing(tmp_path: Path, store: MaildirStorage) -> None:
