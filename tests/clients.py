@@ -10,7 +10,9 @@ Everything here waits with a timeout and cleans up after itself:
   read a multi-line block as the exact bytes the server sent;
 * ``login``/``pop3_session`` drive stdlib ``poplib``;
 * ``curl``/``mpop`` run the real clients with timeouts; ``Proc`` runs a
-  command and collects its output lines in background threads.
+  command and collects its output lines in background threads;
+* ``tcllib_pop3`` runs Tcllib's ``pop3`` client in tclsh (plain or over
+  ``tls::socket``) and ``tcl_text``/``tcl_top`` say what it must return.
 """
 
 from __future__ import annotations
@@ -599,3 +601,163 @@ def run_module(
         env={**os.environ, "PYTHONPATH": str(REPO)},
         check=False,
     )
+
+
+# --------------------------------------------------------------------- Tcllib's pop3 client
+
+#: The Tcl side of ``tcllib_pop3``: opens a session with Tcllib's ``pop3::open``
+#: (over ``tls::socket`` when a CA file is given), runs each step as
+#: ``pop3::<command> $chan <args>`` and prints one line per step,
+#: ``<command> ok|err <microseconds> <hex>...``: the result's bytes in hex (one
+#: hex word per message for ``retrieve``, which returns a list), or the error text.
+#: The channel is binary on input, so every byte reaches the hex as it came.
+TCLLIB_SCRIPT = r"""
+package require pop3
+fconfigure stdout -translation lf -buffering line
+proc hex {s} { return [binary encode hex $s] }
+lassign $argv host port user password cafile
+set opts {}
+if {$cafile ne ""} {
+    package require tls
+    set opts [list -socketcmd [list tls::socket -cafile $cafile -request 1 -require 1]]
+}
+set t [clock microseconds]
+if {[catch {pop3::open {*}$opts $host $user $password $port} chan]} {
+    puts "open err [expr {[clock microseconds] - $t}] [hex $chan]"
+    exit 2
+}
+puts "open ok [expr {[clock microseconds] - $t}] [hex $chan]"
+foreach step [lrange $argv 5 end] {
+    set command [lindex $step 0]
+    set t [clock microseconds]
+    set failed [catch {pop3::$command $chan {*}[lrange $step 1 end]} result]
+    set us [expr {[clock microseconds] - $t}]
+    if {$failed} {
+        puts "$command err $us [hex $result]"
+    } elseif {$command eq "retrieve"} {
+        set words {}
+        foreach message $result { lappend words [hex $message] }
+        puts "$command ok $us [join $words]"
+    } else {
+        puts "$command ok $us [hex $result]"
+    }
+}
+exit 0
+"""
+
+
+def tcllib_missing(*, tls: bool = False) -> str | None:
+    """Why Tcllib's ``pop3`` (and, with *tls*, the Tcl ``tls`` package) cannot run here."""
+    tclsh = shutil.which("tclsh")
+    if tclsh is None:
+        return "tclsh is not installed (Debian: tcl)"
+    packages = ["pop3"] + (["tls"] if tls else [])
+    for name in packages:
+        try:
+            probe = subprocess.run(
+                [tclsh],
+                input=f"package require {name}\nputs ok\n".encode(),
+                capture_output=True,
+                timeout=TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return f"tclsh did not answer 'package require {name}' within {TIMEOUT}s"
+        if probe.stdout.strip() != b"ok":
+            debian = "tcllib" if name == "pop3" else "tcl-tls"
+            return f"Tcl package {name} is missing (Debian: {debian}): {probe.stderr!r}"
+    return None
+
+
+def need_tcllib(*, tls: bool = False) -> str:
+    """The path of tclsh; skips the calling test when Tcllib (or Tcl ``tls``) is missing."""
+    reason = tcllib_missing(tls=tls)
+    if reason is not None:
+        pytest.skip(reason)
+    path = shutil.which("tclsh")
+    assert path is not None
+    return path
+
+
+@dataclass(frozen=True)
+class TclStep:
+    """One ``pop3::`` call of a ``tcllib_pop3`` run: its result bytes or error text."""
+
+    command: str
+    ok: bool
+    seconds: float
+    #: ``retrieve``: one item per message; anything else, or an error: one item
+    values: tuple[bytes, ...]
+
+    @property
+    def value(self) -> bytes:
+        """The result of a command that returns one string, or the error text of any."""
+        assert self.command != "retrieve" or not self.ok, "retrieve returns a list: use .values"
+        return self.values[0] if self.values else b""
+
+
+@dataclass(frozen=True)
+class TclRun:
+    """A finished ``tcllib_pop3`` run: exit status, the login step, the steps, stderr."""
+
+    returncode: int
+    opened: TclStep
+    steps: tuple[TclStep, ...]
+    stderr: bytes
+
+    def __getitem__(self, i: int) -> TclStep:
+        return self.steps[i]
+
+
+def tcllib_pop3(
+    port: int,
+    user: str,
+    password: str,
+    steps: Sequence[str],
+    *,
+    cafile: Path | None = None,
+    host: str = HOST,
+    timeout: float = 60.0,
+) -> TclRun:
+    """Run Tcllib's ``pop3`` client in tclsh: ``pop3::open``, then each step, in one session.
+
+    A step is a Tcl word list such as ``"retrieve 1 end"``, ``"top 2 0"``,
+    ``"delete 3"``, ``"status"``, ``"list"`` or ``"close"`` (QUIT).  With
+    *cafile* the client connects with ``tls::socket`` and requires a
+    certificate chain to that CA (implicit TLS).  The subprocess is killed
+    after *timeout* seconds (Tcllib's client has no timeouts of its own).
+    """
+    exe = need_tcllib(tls=cafile is not None)
+    argv = [exe, "/dev/stdin", host, str(port), user, password, str(cafile or ""), *steps]
+    proc = subprocess.run(
+        argv,
+        input=TCLLIB_SCRIPT.encode(),
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+    parsed: list[TclStep] = []
+    for line in proc.stdout.decode("ascii").splitlines():
+        command, status, micros, *words = line.split(" ")
+        values = tuple(bytes.fromhex(w) for w in words if w)
+        if (command != "retrieve" or status != "ok") and not values:
+            values = (b"",)
+        parsed.append(TclStep(command, status == "ok", int(micros) / 1e6, values))
+    if not parsed or parsed[0].command != "open":
+        raise AssertionError(f"tclsh printed no open line: {proc.stdout!r} {proc.stderr!r}")
+    return TclRun(proc.returncode, parsed[0], tuple(parsed[1:]), proc.stderr)
+
+
+def tcl_text(data: bytes) -> bytes:
+    """What Tcllib's ``pop3::retrieve`` returns for a message stored as *data*.
+
+    The message as the server sends it (CRLF lines, an empty message as one
+    empty line), un-stuffed, with every CRLF turned into LF (Tcllib's
+    ``RetrFast`` maps CRLF and CR to LF).
+    """
+    return (wire(data) or CRLF).replace(CRLF, b"\n")
+
+
+def tcl_top(data: bytes, lines: int) -> bytes:
+    """What Tcllib's ``pop3::top`` returns for ``TOP n lines`` of *data* (LF lines)."""
+    return (top(data, lines) or CRLF).replace(CRLF, b"\n")

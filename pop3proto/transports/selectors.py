@@ -383,6 +383,8 @@ class _Loop:
                     driver.connection_lost(exc)
                     return True
                 driver.receive_data(data)
+                if data and driver.partial_line:
+                    quickack(c.sock)
                 self._queue(c, b"")
                 return True
         try:
