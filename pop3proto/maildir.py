@@ -49,8 +49,8 @@ to plain Maildir, and why:
   synced: a record lost to a crash only lets one login in early), so the
   delay holds across restarts and worker processes.
   ``ROOT/u/pop3proto-retrieved`` holds each listed message's first RETR
-  time; it is merged and rewritten atomically (synced) at UPDATE, before any
-  deletion, and records of messages that are gone are dropped then.  A
+  time; it is merged and rewritten atomically (synced) at UPDATE, after the
+  deletions, and records of messages that are gone are dropped then.  A
   session that never reaches UPDATE leaves both files as they were.
 * **Hostile files.**  Directories, FIFOs, devices and dangling symlinks in
   ``cur/``/``new/`` are skipped with a warning; files are opened with
@@ -835,9 +835,10 @@ class MaildirStorage:
     def retrieved(self, mailbox: str, times: Mapping[str, float]) -> None:
         """Merge first-RETR times into ``pop3proto-retrieved`` (older times win), crash-safely.
 
-        Only keys this session's ``scan`` listed are kept (the records of
-        messages that are gone are dropped).  The file is replaced atomically
-        and synced, so a crash leaves either the old records or the new.
+        Only keys this session's ``scan`` listed and ``dele`` has not deleted
+        are kept (the records of messages that are gone are dropped).  The
+        file is replaced atomically and synced, so a crash leaves either the
+        old records or the new.
 
         Raises:
             StorageError: the mailbox is not locked, or the file cannot be written.

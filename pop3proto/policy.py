@@ -22,9 +22,9 @@ shows the user's.  LOGIN-DELAY: after the credentials check out, a login
 less than the delay after the user's last one gets ``-ERR [LOGIN-DELAY]``
 and the maildrop is not locked; the time is kept by the storage
 (``last_login``/``logged_in``) or else by the server, in memory.  EXPIRE
-(days): the first RETR time of each message is handed to the storage at
-UPDATE (``retrieved``), and at UPDATE the messages it reports retrieved at
-least that many days ago (``expired``) are deleted with the client's; with
+(days): at UPDATE the messages the storage reports first retrieved at least
+that many days ago (``expired``) are deleted with the client's, then this
+session's first RETR times are handed to it (``retrieved``); with
 ``EXPIRE 0`` every message retrieved is deleted at UPDATE, DELE or not.  A
 session that never reaches UPDATE records and deletes nothing.
 """
@@ -542,24 +542,34 @@ class Policy:
                 pass
 
     def _expired(self) -> Generator[Step, Any, list[str]]:
-        """Record this session's retrievals; the keys EXPIRE deletes now (with the client's)."""
+        """The keys EXPIRE deletes at this UPDATE, with the client's (read only)."""
         storage, mailbox, days = self.settings.storage, self.mailbox, self.expire
         if storage is None or mailbox is None or not isinstance(days, int):
             return []
         keys = list(self.retrieved) if days == 0 else []
-        record = getattr(storage, "retrieved", None)
-        if record is not None and self.retrieved:
-            try:
-                yield _call(record, mailbox, dict(self.retrieved))
-            except Exception as exc:  # not recorded: kept longer, never deleted sooner
-                self.driver.log_error("recording retrievals failed", exc)
         find = getattr(storage, "expired", None)
         if find is not None:
             try:
                 keys += (yield _call(find, mailbox, days, self.services.wall_clock()))
-            except Exception as exc:
+            except Exception as exc:  # nothing expires this time
                 self.driver.log_error("finding expired messages failed", exc)
         return keys
+
+    def _record(self, expired: Sequence[str]) -> Steps:
+        """Hand this session's first-RETR times to the storage (after the deletions)."""
+        storage, mailbox = self.settings.storage, self.mailbox
+        record = getattr(storage, "retrieved", None)
+        if (
+            record is None
+            or mailbox is None
+            or not isinstance(self.expire, int)
+            or not (self.retrieved or expired)  # else nothing to add, nor to drop
+        ):
+            return
+        try:
+            yield _call(record, mailbox, dict(self.retrieved))
+        except Exception as exc:  # not recorded: kept longer, never deleted sooner
+            self.driver.log_error("recording retrievals failed", exc)
 
     def _update(self, event: Update) -> Steps:
         storage = self.settings.storage
@@ -570,10 +580,14 @@ class Policy:
                 yield _call(storage.dele, self.mailbox, deleted)
             except Exception as exc:  # any storage failure: [SYS/TEMP], logged
                 self.driver.log_error("deleting messages failed", exc)
+                yield from self._record(expired)
                 yield from self.release()
                 self.driver.end_reason = "Logged out (deletion failed)"
                 yield Err(text="Some messages could not be deleted.", code="SYS/TEMP")
                 return
+        # After the deletions: a crash in between loses this session's times
+        # (messages kept longer), never deletes sooner; gone keys are dropped.
+        yield from self._record(expired)
         yield from self.release()
         self.driver.end_reason = "Logged out"
         yield Ok(text="Logging out.")

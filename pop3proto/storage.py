@@ -134,8 +134,9 @@ class LoginTimes(Protocol):
 class RetrievalTimes(Protocol):
     """Optional storage capability: when messages were first retrieved, for EXPIRE (RFC 2449).
 
-    Both are called only at UPDATE, while the maildrop is locked, and only
-    for a session that reached UPDATE (a dropped session records nothing).
+    Both are called only at UPDATE, while the maildrop is locked (a dropped
+    session records nothing): ``expired`` before the deletions, ``retrieved``
+    after them (so it can drop the records of the keys just deleted).
     A store without them can still enforce ``EXPIRE 0`` (the session's own
     retrievals), but not a retention of days.
     """
