@@ -31,7 +31,7 @@ from .limits import AddressCounter, Penalties, PenaltyTable, address_group
 from .ops.logfmt import event_message
 from .options import OPTIONS, check_option
 from .pop3d import Pop3dAuth, Pop3dStorage
-from .storage import SafeLog
+from .storage import SafeLog, nonblocking
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -485,11 +485,13 @@ class Server:
         except Exception:  # a failing log handler never kills a session
             pass
 
+    @nonblocking  # a dict lookup
     def last_login(self, mailbox: str) -> float | None:
         """The last login to *mailbox* this process saw (LOGIN-DELAY for stores without one)."""
         with self._lock:
             return self._logins.get(mailbox)
 
+    @nonblocking
     def logged_in(self, mailbox: str, when: float) -> None:
         """Remember a login to *mailbox* at *when*; the table keeps the latest MAX_LOGINS."""
         with self._lock:

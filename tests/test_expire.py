@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clients import Proc, Raw
+from clients import MESSAGES, Proc, Raw, login, make_env, port_of, running
 from test_driver import Host
 
 from pop3proto.maildir import MaildirStorage
@@ -198,6 +198,27 @@ def test_the_expired_deletions_fail_like_any_other() -> None:
     assert out.endswith(b"-ERR [SYS/TEMP] Some messages could not be deleted.\r\n")
     assert store.messages("alice") == [ONE]
     assert store.lock("alice")  # released all the same
+
+
+@pytest.mark.parametrize("transport", ["blocking", "anyio"])
+def test_expire_0_with_poplib(tmp_path: Path, transport: str) -> None:
+    env = make_env(tmp_path)
+    with running(transport, auth=env.auth, storage=env.storage, expire=0,
+                 cleartext_auth=True) as server:
+        port = port_of(server)
+        client = login(port, "alice", env.users["alice"])
+        assert client.capa()["EXPIRE"] == ["0"]
+        client.retr(1)
+        head = client.top(2, 0)[1]  # TOP is no retrieval
+        client.quit()
+        client = login(port, "alice", env.users["alice"])
+        assert client.stat()[0] == len(MESSAGES) - 1
+        assert client.top(1, 0)[1] == head  # the first message is gone
+        client.retr(1)
+        client.quit()
+        client = login(port, "alice", env.users["alice"])
+        assert client.stat()[0] == len(MESSAGES) - 2
+        client.quit()
 
 
 # ------------------------------------------------------------------ crash safety

@@ -211,9 +211,10 @@ def test_passwd_file_extra_fields(tmp_path: Path) -> None:
     assert isinstance(parse_user_settings("pop3_expire=-1"), str)
 
 
-def test_poplib_end_to_end_on_the_blocking_transport(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["blocking", "selectors", "anyio"])
+def test_poplib_end_to_end(tmp_path: Path, transport: str) -> None:
     env = make_env(tmp_path)
-    with running(auth=env.auth, storage=env.storage, login_delay=60,
+    with running(transport, auth=env.auth, storage=env.storage, login_delay=60,
                  cleartext_auth=True) as server:
         port = port_of(server)
         client = poplib.POP3("127.0.0.1", port, timeout=10)
