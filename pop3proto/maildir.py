@@ -44,6 +44,14 @@ to plain Maildir, and why:
 * **Deletion.**  A roll-forward journal: the paths are made durable before
   the first unlink, and a journal left by a crash is finished at the next
   ``lock``/``scan``.  Only messages listed by ``scan`` can be deleted.
+* **LOGIN-DELAY and EXPIRE** (RFC 2449).  ``ROOT/u/pop3proto-last-login``
+  holds the time of the user's last login (rewritten at each login, not
+  synced: a record lost to a crash only lets one login in early), so the
+  delay holds across restarts and worker processes.
+  ``ROOT/u/pop3proto-retrieved`` holds each listed message's first RETR
+  time; it is merged and rewritten atomically (synced) at UPDATE, after the
+  deletions, and records of messages that are gone are dropped then.  A
+  session that never reaches UPDATE leaves both files as they were.
 * **Hostile files.**  Directories, FIFOs, devices and dangling symlinks in
   ``cur/``/``new/`` are skipped with a warning; files are opened with
   ``O_NONBLOCK`` and checked with ``fstat`` so a FIFO never hangs a session.
@@ -69,7 +77,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -87,6 +95,9 @@ _LOCKS = ".pop3proto-locks"  # one per storage root: a byte per maildrop
 _CACHE = "pop3proto-cache"
 _CACHE_MAGIC = "pop3proto-cache\t2"  # version 1 was JSON: ignored
 _JOURNAL = "pop3proto-journal"
+_LAST_LOGIN = "pop3proto-last-login"
+_RETRIEVED = "pop3proto-retrieved"
+_RETRIEVED_MAGIC = b"pop3proto-retrieved 1"
 _UIDLIST = "dovecot-uidlist"
 _STABLE_NS = 1_000_000_000  # a listing taken this long after the last change is reusable
 _CACHE_MIN = 32  # messages: fewer, with every size in the names, are not worth a cache file
@@ -775,6 +786,116 @@ class MaildirStorage:
                 self._save_cache(dirs, _encode_cache(listing))
         if failed:
             raise StorageError(f"{failed} of {len(rels)} messages could not be deleted")
+
+    # -- LOGIN-DELAY and EXPIRE (optional capabilities) ------------------------
+
+    def last_login(self, mailbox: str) -> float | None:
+        """When ``logged_in`` last recorded a login to *mailbox*; None if never (or unreadable).
+
+        Raises:
+            MailboxRefused: the maildrop is a symlink (logged).
+            StorageError: a bad name, or the maildrop cannot be opened.
+        """
+        self._check(mailbox)
+        try:
+            dirs = self._open(mailbox, create=False)
+        except OSError as e:
+            raise StorageError(f"cannot open maildrop {mailbox!r}: {e.strerror or e}") from e
+        if dirs is None:
+            return None
+        with dirs:
+            try:
+                raw = _read_file(_LAST_LOGIN, dirs.fd)[0]
+            except FileNotFoundError:
+                return None
+            except (OSError, MessageGone) as e:
+                self._log.warning("%s: ignoring unreadable %r: %s", mailbox, _LAST_LOGIN, e)
+                return None
+        try:
+            return float(raw.decode("ascii"))
+        except (UnicodeError, ValueError):
+            self._log.warning("%s: ignoring malformed %r", mailbox, _LAST_LOGIN)
+            return None
+
+    def logged_in(self, mailbox: str, when: float) -> None:
+        """Record a login to the locked *mailbox* at Unix time *when*.
+
+        Raises:
+            StorageError: the mailbox is not locked, or the record cannot be written.
+        """
+        held = self._state(mailbox)
+        if held.ident is None:
+            return  # no maildrop directory to keep it in
+        with self._dirs(mailbox, held) as dirs:
+            try:  # not synced: a record lost to a crash lets one login in early
+                _write_atomic(_LAST_LOGIN, f"{when:.3f}\n".encode(), dirs.fd, sync=False)
+            except OSError as e:
+                raise StorageError(f"cannot record the login: {e.strerror or e}") from e
+
+    def retrieved(self, mailbox: str, times: Mapping[str, float]) -> None:
+        """Merge first-RETR times into ``pop3proto-retrieved`` (older times win), crash-safely.
+
+        Only keys this session's ``scan`` listed and ``dele`` has not deleted
+        are kept (the records of messages that are gone are dropped).  The
+        file is replaced atomically and synced, so a crash leaves either the
+        old records or the new.
+
+        Raises:
+            StorageError: the mailbox is not locked, or the file cannot be written.
+        """
+        held = self._state(mailbox)
+        if held.ident is None:
+            return
+        with self._dirs(mailbox, held) as dirs:
+            old = self._read_retrieved(dirs)
+            merged = {k: t for k, t in old.items() if k in held.paths}
+            for key, when in times.items():
+                if key in held.paths:
+                    merged[key] = min(int(when), merged.get(key, int(when)))
+            if merged == old:
+                return
+            data = b"".join(
+                [_RETRIEVED_MAGIC + b"\0"]
+                + [b"%d %s\0" % (t, os.fsencode(k)) for k, t in merged.items()]
+            )
+            try:
+                _write_atomic(_RETRIEVED, data, dirs.fd)
+            except OSError as e:
+                raise StorageError(f"cannot record retrievals: {e.strerror or e}") from e
+
+    def expired(self, mailbox: str, days: int, now: float) -> list[str]:
+        """Keys listed by this session's ``scan`` first retrieved at least *days* days before *now*.
+
+        Raises:
+            StorageError: the mailbox is not locked.
+        """
+        held = self._state(mailbox)
+        if held.ident is None:
+            return []
+        with self._dirs(mailbox, held) as dirs:
+            records = self._read_retrieved(dirs)
+        limit = now - days * 86400
+        return [k for k in held.paths if k in records and records[k] <= limit]
+
+    def _read_retrieved(self, dirs: _Dirs) -> dict[str, int]:
+        """``pop3proto-retrieved`` as key -> time; empty if absent or unreadable (logged)."""
+        try:
+            raw = _read_file(_RETRIEVED, dirs.fd)[0]
+        except FileNotFoundError:
+            return {}
+        except (OSError, MessageGone) as e:
+            self._log.warning("%s: ignoring unreadable %r: %s", dirs.mailbox, _RETRIEVED, e)
+            return {}
+        entries = raw.split(b"\0")
+        if entries[0] != _RETRIEVED_MAGIC or entries[-1] != b"":
+            self._log.warning("%s: ignoring malformed %r", dirs.mailbox, _RETRIEVED)
+            return {}
+        out: dict[str, int] = {}
+        for entry in entries[1:-1]:
+            stamp, _, key = entry.partition(b" ")
+            if stamp.isdigit() and key:
+                out[os.fsdecode(key)] = int(stamp)
+        return out
 
     # -- delivery ------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ._maildrop import MessageInfo, valid_uid
 from ._writers import wire_size
@@ -38,6 +38,8 @@ class MemoryStorage:
         self._locked: set[str] = set()
         self._issued: set[str] = set()
         self._next = itertools.count(1)
+        self._logins: dict[str, float] = {}
+        self._retrieved: dict[str, dict[str, float]] = {}  # mailbox -> key -> first RETR
 
     def add(self, mailbox: str, data: bytes, uid: str | None = None) -> str:
         """Deliver *data* to *mailbox*; return its key.
@@ -118,6 +120,53 @@ class MemoryStorage:
                 raise StorageError(f"unknown message keys {unknown[:3]!r}")
             for key in keys:
                 box.pop(key, None)
+
+    def last_login(self, mailbox: str) -> float | None:
+        """The time ``logged_in`` last recorded for *mailbox* (LOGIN-DELAY); None if none."""
+        with self._mutex:
+            return self._logins.get(mailbox)
+
+    def logged_in(self, mailbox: str, when: float) -> None:
+        """Record a login to *mailbox* at Unix time *when*."""
+        with self._mutex:
+            self._logins[mailbox] = when
+
+    def retrieved(self, mailbox: str, times: Mapping[str, float]) -> None:
+        """Record first-retrieval times (EXPIRE); records of deleted messages are dropped.
+
+        Raises:
+            StorageError: the mailbox is not locked.
+        """
+        with self._mutex:
+            box = self._box(mailbox)
+            old = self._retrieved.get(mailbox, {})
+            merged = {k: t for k, t in old.items() if k in box}
+            for key, when in times.items():
+                if key in box:
+                    merged[key] = min(when, merged.get(key, when))
+            self._retrieved[mailbox] = merged
+
+    def retrievals(self, mailbox: str) -> dict[str, float]:
+        """The recorded first-retrieval times of *mailbox* (for tests and tools)."""
+        with self._mutex:
+            return dict(self._retrieved.get(mailbox, {}))
+
+    def set_retrieval(self, mailbox: str, key: str, when: float) -> None:
+        """Set a recorded retrieval time, as an older session would have left it."""
+        with self._mutex:
+            self._retrieved.setdefault(mailbox, {})[key] = when
+
+    def expired(self, mailbox: str, days: int, now: float) -> list[str]:
+        """Keys in *mailbox* first retrieved at least *days* days before *now*.
+
+        Raises:
+            StorageError: the mailbox is not locked.
+        """
+        limit = now - days * 86400
+        with self._mutex:
+            box = self._box(mailbox)
+            times = self._retrieved.get(mailbox, {})
+            return [k for k in box if k in times and times[k] <= limit]
 
     def _box(self, mailbox: str) -> dict[str, tuple[bytes, str]]:
         if mailbox not in self._locked:

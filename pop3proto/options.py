@@ -148,10 +148,13 @@ _TABLE = [
     Option("auth_failure_delay_max", 15.0, "Longest failed-login delay in seconds.", _SECONDS,
            _nonneg(int, float)),
     Option("login_delay", None, "LOGIN-DELAY (RFC 2449) in seconds: a user may log in once "
-           "per this many seconds; None for no limit.", "a non-negative integer or None",
-           _or_none(_nonneg(int))),
-    Option("expire", None, "EXPIRE (RFC 2449): days a retrieved message is kept, 'NEVER', or "
-           "None not to announce it.", "days (an integer), 'NEVER' or None", _expire),
+           "per this many seconds (a login sooner is refused); None for no limit. A user's "
+           "userdb_pop3_login_delay= extra field (passwd file) overrides it.",
+           "a non-negative integer or None", _or_none(_nonneg(int))),
+    Option("expire", None, "EXPIRE (RFC 2449): days a retrieved message is kept (deleted at a "
+           "later session's QUIT; 0: at the QUIT of the session that retrieved it), 'NEVER', "
+           "or None not to announce it. A user's userdb_pop3_expire= extra field (passwd file) "
+           "overrides it.", "days (an integer), 'NEVER' or None", _expire),
     Option("max_line_length", 255, "Longest command line in octets, CRLF included (RFC 2449: "
            "255); 16 to 8192.", "an integer 16-8192", lambda v: _is(int)(v) and 16 <= v <= 8192),
     Option("max_bad_commands", 20, "Bad commands in a row after login before the session is "

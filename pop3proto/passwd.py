@@ -1,8 +1,11 @@
 """Dovecot passwd-file authentication: ``user:{SCHEME}secret:uid:gid:gecos:home:shell:extra``.
 
 ``PasswdFile`` is an ``Authenticator`` over such a file; ``DictAuthenticator``
-is the same over a mapping, for tests and examples.  Only the first two
-fields matter; the rest are optional and ignored.  The mailbox reference
+is the same over a mapping, for tests and examples.  The first two fields
+matter, and of the extra fields (the eighth column, Dovecot's space-separated
+``key=value`` list) the per-user POP3 settings ``userdb_pop3_login_delay``
+and ``userdb_pop3_expire`` (see ``user_settings``); the rest are optional
+and ignored.  The mailbox reference
 ``lookup`` returns is the user name, so names that could escape a directory
 are refused when the table is loaded.
 
@@ -72,6 +75,7 @@ __all__ = [
     "hash_cost",
     "hash_password",
     "parse_secret",
+    "parse_user_settings",
     "sha_crypt",
     "typical_scram_iterations",
     "user_name_problem",
@@ -378,6 +382,36 @@ def user_name_problem(name: str) -> str | None:
     return None
 
 
+#: Extra-field names (without Dovecot's ``userdb_`` prefix) -> ``user_settings`` keys.
+USER_SETTINGS = {"pop3_login_delay": "login_delay", "pop3_expire": "expire"}
+_MAX_SETTING = 10**9  # seconds or days: more is a typo, not a policy
+
+
+def parse_user_settings(extra: str) -> dict[str, int | str] | str:
+    """The POP3 settings in a passwd-file entry's extra fields, or the problem with them.
+
+    *extra* is Dovecot's space-separated ``key=value`` list.  Recognized, with
+    or without the ``userdb_`` prefix: ``pop3_login_delay`` (LOGIN-DELAY
+    seconds, a non-negative integer) and ``pop3_expire`` (EXPIRE days, a
+    non-negative integer, or ``NEVER``).  Other fields are Dovecot's business
+    and are ignored.
+    """
+    out: dict[str, int | str] = {}
+    for item in extra.split():
+        key, _, value = item.partition("=")
+        name = USER_SETTINGS.get(key.removeprefix("userdb_"))
+        if name is None:
+            continue
+        if name == "expire" and value.upper() == "NEVER":
+            out[name] = "NEVER"
+        elif value.isascii() and value.isdigit() and int(value) <= _MAX_SETTING:
+            out[name] = int(value)
+        else:
+            what = "days or NEVER" if name == "expire" else "seconds"
+            return f"bad {key} value {value!r} (expected {what})"
+    return out
+
+
 # --- dummy verifiers for unknown users ------------------------------------------------
 
 _FAKE_SALT = "pRxZ3kd9Qw7LmT2v"  # 12 bytes in base64
@@ -497,6 +531,7 @@ class _Users:
         self._log = logger or _log
         self._secret = secret  # None until the first load derives the default
         self._users: dict[str, Verifier] = {}
+        self._settings: dict[str, dict[str, int | str]] = {}
         self._dummy: Verifier | None = None
         self._scram_iterations = 4096
         self._has_cleartext = False
@@ -508,9 +543,9 @@ class _Users:
         """Bring the table up to date (PasswdFile re-reads its file)."""
 
     def _install(
-        self, rows: Iterable[tuple[str, str, str]], *, bare_is_plain: bool, seed: bytes
+        self, rows: Iterable[tuple[str, str, str, str]], *, bare_is_plain: bool, seed: bytes
     ) -> None:
-        """Build a table from (where, user, password field) rows and swap it in.
+        """Build a table from (where, user, password field, extra fields) rows and swap it in.
 
         *seed* (the source's contents) gives the server secret if none was
         given and this is the first load; it is then kept for good.
@@ -518,10 +553,13 @@ class _Users:
         if self._secret is None:
             self._secret = default_secret(seed)
         users: dict[str, Verifier] = {}
+        settings: dict[str, dict[str, int | str]] = {}
         first: dict[str, str] = {}
         errors: list[str] = []
-        for where, user, secret in rows:
+        for where, user, secret, extra in rows:
             parsed = parse_secret(secret, bare_is_plain=bare_is_plain)
+            # A bad setting refuses the entry: guessing it could delete mail early.
+            options = parse_user_settings(extra)
             problem = user_name_problem(user)
             if problem is None and not secret:
                 problem = f"no password for user {user!r}"
@@ -529,10 +567,14 @@ class _Users:
                 problem = f"duplicate user {user!r} (the entry at {first[user]} is used)"
             if problem is None and isinstance(parsed, str):
                 problem = parsed
+            elif problem is None and isinstance(options, str):
+                problem = options
             elif problem is None and not isinstance(parsed, str):
                 if isinstance(parsed, PlainVerifier):  # its own salt, as a decoy has
                     parsed = PlainVerifier(parsed.secret, derived_scram_salt(self._secret, user))
                 users[user], first[user] = parsed, where
+                if options and not isinstance(options, str):
+                    settings[user] = options
                 continue
             errors.append(f"{where}: {problem}")
             self._log.warning("%s: %s", where, problem)
@@ -543,6 +585,7 @@ class _Users:
                 self._log.error("%s: %d {%s} entries can never log in: %s is not installed",
                                 self._source, count, scheme, library[1])  # fmt: skip
         self._users, self.errors, self._dummy = users, errors, None
+        self._settings = settings
         self._scram_iterations = typical_scram_iterations(users.values())
         self._has_cleartext = any(v.cleartext() is not None for v in users.values())
         self._has_scram = any(
@@ -573,6 +616,12 @@ class _Users:
         self._refresh()
         verifier = self._users.get(name)
         return None if verifier is None else (verifier, name)
+
+    @nonblocking
+    def user_settings(self, name: str) -> dict[str, int | str]:
+        """*name*'s POP3 overrides from its extra fields: ``login_delay``, ``expire`` (or none)."""
+        self._refresh()
+        return dict(self._settings.get(name, {}))
 
     def dummy_verifier(self) -> Verifier:
         """A verifier that costs what a real one of the dearest kind does, for unknown users.
@@ -610,7 +659,8 @@ class DictAuthenticator(_Users):
     """An in-memory Authenticator: user -> ``{SCHEME}secret``, or a plain password if no braces.
 
     Entries are checked as passwd-file lines are; bad ones are logged and
-    listed in ``errors`` as ``users['name']: problem``.
+    listed in ``errors`` as ``users['name']: problem``.  *extra* gives users
+    passwd-file extra fields (``{"alice": "userdb_pop3_expire=30"}``).
     """
 
     def __init__(
@@ -619,10 +669,15 @@ class DictAuthenticator(_Users):
         *,
         secret: bytes | None = None,
         logger: logging.Logger | None = None,
+        extra: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__("DictAuthenticator", logger, secret)
-        rows = [(f"users[{user!r}]", user, secret) for user, secret in users.items()]
-        seed = "\n".join(f"{user}:{field}" for _, user, field in sorted(rows)).encode(
+        fields = extra or {}
+        rows = [
+            (f"users[{user!r}]", user, secret, fields.get(user, ""))
+            for user, secret in users.items()
+        ]
+        seed = "\n".join(f"{user}:{field}" for _, user, field, _ in sorted(rows)).encode(
             "utf-8", "surrogatepass"
         )
         self._install(rows, bare_is_plain=True, seed=seed)
@@ -707,7 +762,10 @@ class PasswdFile(_Users):
             line = line.removesuffix("\r")
             if line.strip() and not line.lstrip().startswith("#"):
                 user, _, rest = line.partition(":")
-                rows.append((f"{self.path}:{number}", user, rest.partition(":")[0]))
+                # user:password:uid:gid:gecos:home:shell:extra (the last may hold ':')
+                fields = rest.split(":", 6)
+                extra = fields[6] if len(fields) > 6 else ""
+                rows.append((f"{self.path}:{number}", user, fields[0], extra))
         self._install(rows, bare_is_plain=False, seed=raw)
         self._key = key
         if self._failing:

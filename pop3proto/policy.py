@@ -14,6 +14,19 @@
 The policy reaches the server only through ``Services`` (the narrow
 interface ``Server`` implements): penalties, configuration, logging,
 randomness.  It reads no clock and does no I/O of its own.
+
+RFC 2449's LOGIN-DELAY and EXPIRE are enforced here.  Each has a global
+value (the ``login_delay``/``expire`` options, in the session's Config) that
+a user's ``auth.user_settings(name)`` may override; the CAPA after login
+shows the user's.  LOGIN-DELAY: after the credentials check out, a login
+less than the delay after the user's last one gets ``-ERR [LOGIN-DELAY]``
+and the maildrop is not locked; the time is kept by the storage
+(``last_login``/``logged_in``) or else by the server, in memory.  EXPIRE
+(days): at UPDATE the messages the storage reports first retrieved at least
+that many days ago (``expired``) are deleted with the client's, then this
+session's first RETR times are handed to it (``retrieved``); with
+``EXPIRE 0`` every message retrieved is deleted at UPDATE, DELE or not.  A
+session that never reaches UPDATE records and deletes nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ from __future__ import annotations
 import enum
 import hmac
 import unicodedata
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +110,11 @@ def valid_user_name(name: str) -> bool:
     )
 
 
+def _count(value: Any) -> bool:
+    """A non-negative int (not a bool): LOGIN-DELAY seconds, EXPIRE days."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _call(fn: Callable[..., Any], *args: Any) -> Call:
     return Call(fn, args, runs_inline(fn))
 
@@ -117,6 +135,11 @@ class Policy:
         self.auth_failures = 0
         self.retr = [0, 0]
         self.top = [0, 0]
+        #: LOGIN-DELAY seconds and EXPIRE days in force for the logged-in user.
+        self.login_delay: int | None = None
+        self.expire: int | str | None = None
+        #: key -> Unix time of its first RETR in this session (for EXPIRE).
+        self.retrieved: dict[str, float] = {}
         self._apop_ts: str | None = None
         self._mech: sasl.Mechanism | None = None
         self._scram_user: str | None = None
@@ -380,11 +403,63 @@ class Policy:
             return _call(decoy, name)
         return Call(self.services.decoy_scram, (name,), True)
 
+    def _user_settings(self, name: str) -> Generator[Step, Any, Mapping[str, Any] | None]:
+        """The user's overrides (``auth.user_settings``), checked; None if they failed."""
+        auth = self.settings.auth
+        get = getattr(auth, "user_settings", None) if auth is not None else None
+        if get is None:
+            return {}
+        if not name.isascii():
+            name = unicodedata.normalize("NFKC", name)  # the name lookup was asked with
+        try:
+            found = yield _call(get, name)
+            settings: Mapping[str, Any] = found or {}
+            delay, expire = settings.get("login_delay"), settings.get("expire")
+            if not (delay is None or _count(delay)) or not (
+                expire is None or expire == "NEVER" or _count(expire)
+            ):
+                raise ValueError(f"bad user settings {dict(settings)!r}")
+        except Exception as exc:
+            self.driver.log_error("user settings lookup failed", exc)
+            return None
+        return settings
+
+    def _login_times(self) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+        """(last_login, logged_in): the storage's if it keeps them, else the server's."""
+        for owner in (self.settings.storage, self.services):
+            last = getattr(owner, "last_login", None)
+            record = getattr(owner, "logged_in", None)
+            if last is not None and record is not None:
+                return last, record
+        return None
+
     def _open(self, name: str, mailbox: str) -> Steps:
-        """Lock the maildrop and list it; the end of every successful login."""
+        """Apply LOGIN-DELAY, lock the maildrop and list it; the end of every successful login."""
         storage = self.settings.storage
         driver = self.driver
         self.user = name
+        overrides = yield from self._user_settings(name)
+        if overrides is None:
+            self.user = None
+            yield Err(text="Authentication is temporarily unavailable.", code="SYS/TEMP")
+            return
+        config = driver.conn.config
+        delay = overrides.get("login_delay", config.login_delay)
+        self.login_delay, self.expire = delay, overrides.get("expire", config.expire)
+        times = self._login_times() if delay else None
+        now = self.services.wall_clock()
+        if times is not None:
+            try:
+                last = yield _call(times[0], mailbox)
+            except Exception as exc:  # a load limit, not a safeguard: the login goes on
+                driver.log_error("reading the last login time failed", exc)
+                last = None
+            if last is not None and 0 <= now - last < delay:
+                # Only after the credentials checked out: it tells a guesser nothing.
+                self.user = None
+                driver.log_login_failed("login delay", 0.0)
+                yield Err(text=f"Logged in less than {delay} seconds ago.", code="LOGIN-DELAY")
+                return
         messages: Sequence[MessageInfo] = ()
         if storage is not None:
             try:
@@ -416,8 +491,18 @@ class Policy:
                 yield Err(text="Mailbox is temporarily unavailable.", code="SYS/TEMP")
                 return
         self.mailbox = mailbox
+        if times is not None:
+            try:
+                yield _call(times[1], mailbox, now)
+            except Exception as exc:
+                driver.log_error("recording the login time failed", exc)
         driver.log_login()
-        yield LoginAccepted(maildrop=Maildrop(tuple(messages)), username=name)
+        yield LoginAccepted(
+            maildrop=Maildrop(tuple(messages)),
+            username=name,
+            login_delay=overrides.get("login_delay"),
+            expire=overrides.get("expire"),
+        )
 
     # -- TRANSACTION
 
@@ -452,6 +537,8 @@ class Policy:
                 sent += len(chunk)
                 yield Data(data=chunk)
             yield EndOfMessage()
+            if isinstance(event, RetrieveMessage):
+                self.retrieved.setdefault(event.key, self.services.wall_clock())
             counter[0] += 1
             counter[1] += event.size if isinstance(event, RetrieveMessage) else sent
         finally:
@@ -460,17 +547,53 @@ class Policy:
             except Exception:
                 pass
 
+    def _expired(self) -> Generator[Step, Any, list[str]]:
+        """The keys EXPIRE deletes at this UPDATE, with the client's (read only)."""
+        storage, mailbox, days = self.settings.storage, self.mailbox, self.expire
+        if storage is None or mailbox is None or not isinstance(days, int):
+            return []
+        keys = list(self.retrieved) if days == 0 else []
+        find = getattr(storage, "expired", None)
+        if find is not None:
+            try:
+                keys += (yield _call(find, mailbox, days, self.services.wall_clock()))
+            except Exception as exc:  # nothing expires this time
+                self.driver.log_error("finding expired messages failed", exc)
+        return keys
+
+    def _record(self, expired: Sequence[str]) -> Steps:
+        """Hand this session's first-RETR times to the storage (after the deletions)."""
+        storage, mailbox = self.settings.storage, self.mailbox
+        record = getattr(storage, "retrieved", None)
+        if (
+            record is None
+            or mailbox is None
+            or not isinstance(self.expire, int)
+            or not (self.retrieved or expired)  # else nothing to add, nor to drop
+        ):
+            return
+        try:
+            yield _call(record, mailbox, dict(self.retrieved))
+        except Exception as exc:  # not recorded: kept longer, never deleted sooner
+            self.driver.log_error("recording retrievals failed", exc)
+
     def _update(self, event: Update) -> Steps:
         storage = self.settings.storage
-        if event.deleted and storage is not None and self.mailbox is not None:
+        expired = yield from self._expired()
+        deleted = list(dict.fromkeys([*event.deleted, *expired]))
+        if deleted and storage is not None and self.mailbox is not None:
             try:
-                yield _call(storage.dele, self.mailbox, event.deleted)
+                yield _call(storage.dele, self.mailbox, deleted)
             except Exception as exc:  # any storage failure: [SYS/TEMP], logged
                 self.driver.log_error("deleting messages failed", exc)
+                yield from self._record(expired)
                 yield from self.release()
                 self.driver.end_reason = "Logged out (deletion failed)"
                 yield Err(text="Some messages could not be deleted.", code="SYS/TEMP")
                 return
+        # After the deletions: a crash in between loses this session's times
+        # (messages kept longer), never deletes sooner; gone keys are dropped.
+        yield from self._record(expired)
         yield from self.release()
         self.driver.end_reason = "Logged out"
         yield Ok(text="Logging out.")

@@ -20,6 +20,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,7 +31,7 @@ from .limits import AddressCounter, Penalties, PenaltyTable, address_group
 from .ops.logfmt import event_message
 from .options import OPTIONS, check_option
 from .pop3d import Pop3dAuth, Pop3dStorage
-from .storage import SafeLog
+from .storage import SafeLog, nonblocking
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 __all__ = ["Server", "TransportHandle", "is_loopback"]
 
 log = logging.getLogger("pop3proto")
+
+#: Last-login times kept in memory for LOGIN-DELAY (stores that keep none).
+MAX_LOGINS = 100_000
 
 #: Options that only take effect when the server is next brought up.
 _LISTEN_OPTIONS = frozenset(name for name, o in OPTIONS.items() if o.listen)
@@ -121,6 +125,8 @@ class Server:
         self._settings: Settings | None = None
         self._tls_context: ssl.SSLContext | None = None
         self._trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        # LOGIN-DELAY for stores that keep no login times: mailbox -> last login, oldest first.
+        self._logins: OrderedDict[str, float] = OrderedDict()
         self.configure(**options)
 
     # ------------------------------------------------------------------ options
@@ -487,6 +493,22 @@ class Server:
             self.logger.log(level, "%s", event_message(fields), extra={"pop3": fields})
         except Exception:  # a failing log handler never kills a session
             pass
+
+    @nonblocking  # a dict lookup
+    def last_login(self, mailbox: str) -> float | None:
+        """The last login to *mailbox* this process saw (LOGIN-DELAY for stores without one)."""
+        with self._lock:
+            return self._logins.get(mailbox)
+
+    @nonblocking
+    def logged_in(self, mailbox: str, when: float) -> None:
+        """Remember a login to *mailbox* at *when*; the table keeps the latest MAX_LOGINS."""
+        with self._lock:
+            logins = self._logins
+            logins[mailbox] = when
+            logins.move_to_end(mailbox)
+            while len(logins) > MAX_LOGINS:  # the oldest logins are the ones no delay covers
+                logins.popitem(last=False)
 
     def decoy_scram(self, name: str) -> ScramSecret:
         """A SCRAM secret for an unknown *name* when the authenticator has no decoys of its own."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, BinaryIO, Protocol, TypeVar, runtime_checkable
 
 from ._maildrop import MessageInfo
@@ -26,7 +26,10 @@ Found = tuple[Verifier, str] | None
 
 __all__ = [
     "Authenticator",
+    "LoginTimes",
+    "RetrievalTimes",
     "SafeLog",
+    "UserSettings",
     "nonblocking",
     "runs_inline",
     "MailboxLocked",
@@ -113,6 +116,46 @@ class Storage(Protocol):
         """Remove these messages (called only at UPDATE); all or nothing where possible."""
 
 
+class LoginTimes(Protocol):
+    """Optional storage capability: each maildrop's last login, for LOGIN-DELAY (RFC 2449).
+
+    Kept where every worker and a restarted server see it (MaildirStorage: a
+    file beside the Maildir).  A store without it gets the server's
+    in-process table instead.
+    """
+
+    def last_login(self, mailbox: str) -> float | Awaitable[float | None] | None:
+        """The Unix time of the last login recorded by ``logged_in``; None if none."""
+
+    def logged_in(self, mailbox: str, when: float) -> Awaitable[None] | None:
+        """Record a login at Unix time *when* (called while the maildrop is locked)."""
+
+
+class RetrievalTimes(Protocol):
+    """Optional storage capability: when messages were first retrieved, for EXPIRE (RFC 2449).
+
+    Both are called only at UPDATE, while the maildrop is locked (a dropped
+    session records nothing): ``expired`` before the deletions, ``retrieved``
+    after them (so it can drop the records of the keys just deleted).
+    A store without them can still enforce ``EXPIRE 0`` (the session's own
+    retrievals), but not a retention of days.
+    """
+
+    def retrieved(
+        self, mailbox: str, times: Mapping[str, float]
+    ) -> Awaitable[None] | None:
+        """Record *times* (key -> Unix time of its RETR), crash-safely.
+
+        A key already recorded keeps its older time; records of keys no longer
+        in the maildrop may be dropped.
+        """
+
+    def expired(
+        self, mailbox: str, days: int, now: float
+    ) -> Sequence[str] | Awaitable[Sequence[str]]:
+        """Keys listed by this session's ``scan`` first retrieved *days* days before *now*."""
+
+
 @runtime_checkable
 class Authenticator(Protocol):
     """Who may log in.  pop3d's ``exists`` and ``lookup``."""
@@ -122,3 +165,17 @@ class Authenticator(Protocol):
 
     def lookup(self, name: str) -> Found | Awaitable[Found]:
         """(verifier, mailbox reference) for *name*, or None for an unknown user."""
+
+
+class UserSettings(Protocol):
+    """Optional authenticator capability: per-user overrides of server options.
+
+    ``user_settings(name)`` is asked after *name* has authenticated; the keys
+    it may return are ``login_delay`` (seconds, an int) and ``expire`` (days,
+    an int, or ``"NEVER"``).  A missing key means the server's option applies.
+    ``PasswdFile`` reads them from Dovecot-style extra fields
+    (``userdb_pop3_login_delay=60 userdb_pop3_expire=30``).
+    """
+
+    def user_settings(self, name: str) -> Mapping[str, Any] | Awaitable[Mapping[str, Any]]:
+        """The overrides for *name* (an empty mapping if none)."""
