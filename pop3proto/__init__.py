@@ -6,7 +6,9 @@ Map of the package:
   responses in, bytes out.  No sockets, files, clocks or threads.
 * ``_state.py`` holds the state rules as tables; ``_events.py`` the events
   and responses; ``_readers.py``/``_writers.py`` the parsers and the
-  streaming dot-stuffer; ``_maildrop.py`` the login snapshot and marks.
+  streaming dot-stuffer; ``_maildrop.py`` the login snapshot and marks;
+  ``_texts.py`` the reply texts by message id (one ``Catalog`` per language,
+  translations are data files in ``lang/``, RFC 6856 LANG).
 * ``auth.py`` (pure credential helpers), ``storage.py`` (the callback
   contracts), ``server.py`` (the ``Server`` facade and the session logic),
   ``maildir.py``/``memstore.py`` (storage), ``passwd.py`` (Dovecot
@@ -43,6 +45,7 @@ from ._events import (
 )
 from ._maildrop import Maildrop, MessageInfo
 from ._state import Phase
+from ._texts import Catalog
 from ._writers import wire_size
 
 __version__ = "0.1.0"
@@ -71,6 +74,7 @@ __all__ = [
     "AuthAborted",
     "AuthResponse",
     "AuthStart",
+    "Catalog",
     "Config",
     "Connection",
     "ConnectionClosed",

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ._texts import DEFAULT_LANGUAGES, Catalog
+
 __all__ = ["PLAINTEXT_MECHANISMS", "Config"]
 
 #: SASL mechanisms that carry the password in clear; refused before TLS
@@ -44,6 +46,12 @@ class Config:
         cleartext_auth: allow USER/PASS, APOP and PLAIN/LOGIN without TLS.
         stls: offer STLS (the application can start TLS).
         utf8: offer the RFC 6856 UTF8 command.
+        lang: offer the RFC 6856 LANG command.
+        languages: the reply languages offered, in the administrator's order
+            of preference (``LANG *`` picks the first); one must be tagged
+            ``i-default`` (RFC 2277), the language every session starts in.
+            The default offers ``i-default`` and ``en``; an embedder adds
+            catalogs, e.g. ``pop3proto.lang.load("de")``.
         login_delay: LOGIN-DELAY seconds to announce, or None.
         expire: EXPIRE days (an int) or "NEVER" to announce, or None.
         trace: called with ("C", line) for each command (secrets redacted)
@@ -64,6 +72,8 @@ class Config:
     cleartext_auth: bool = True
     stls: bool = False
     utf8: bool = True
+    lang: bool = True
+    languages: tuple[Catalog, ...] = DEFAULT_LANGUAGES
     login_delay: int | None = None
     expire: int | str | None = None
     trace: Callable[[str, str], None] | None = None
@@ -82,6 +92,11 @@ class Config:
             raise ValueError("expire must be a non-negative int or 'NEVER'")
         if self.login_delay is not None and self.login_delay < 0:
             raise ValueError("login_delay must be non-negative")
+        tags = [c.tag.lower() for c in self.languages if isinstance(c, Catalog)]
+        if len(tags) != len(self.languages) or len(set(tags)) != len(tags):
+            raise ValueError("languages must be Catalogs with distinct tags")
+        if "i-default" not in tags:
+            raise ValueError("languages must include the 'i-default' catalog (RFC 2277)")
         for mech in self.sasl_mechanisms:
             if not mech or not mech.isascii() or mech != mech.upper() or " " in mech:
                 raise ValueError(f"bad SASL mechanism name {mech!r}")

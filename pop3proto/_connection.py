@@ -1,12 +1,13 @@
 """The sans-I/O POP3 server connection.
 
 ``Connection`` owns every rule of RFC 1939, 2449, 2595 (STLS framing), 5034
-(SASL framing) and 6856 (UTF8) and does no I/O.  Bytes go in with
+(SASL framing) and 6856 (UTF8, LANG) and does no I/O.  Bytes go in with
 ``receive_data``; ``next_event`` parses commands, answers on its own what it
-can from its state (CAPA, STAT, LIST, UIDL, DELE, RSET, NOOP, USER, every
-``-ERR``) and returns an event for what needs the application (a login, a
+can from its state (CAPA, STAT, LIST, UIDL, DELE, RSET, NOOP, USER, LANG,
+every ``-ERR``) and returns an event for what needs the application (a login, a
 message's bytes, the deletions at QUIT, STLS).  The application answers with
-``send``; the bytes to write come from ``data_to_send``.
+``send``; the bytes to write come from ``data_to_send``.  Its reply texts
+come from the catalog (``_texts``) of the language the client chose.
 
 .. rule:: After any call into a Connection, write out ``data_to_send()``.
 """
@@ -48,6 +49,7 @@ from ._maildrop import Maildrop
 from ._readers import decode_base64, parse_number, parse_username
 from ._receivebuffer import OVERLONG, ReceiveBuffer
 from ._state import ANSWERS, COMMANDS, KNOWN_COMMANDS, Phase, Reply
+from ._texts import MESSAGES, match_language, valid_language_range
 from ._writers import DotStuffer, TopLimiter, status_line
 
 __all__ = ["NEED_DATA", "PAUSED", "Connection", "Sentinel", "Stats"]
@@ -119,6 +121,9 @@ class Connection:
         self._why = ""
         self._tls = tls
         self._utf8 = False
+        self._texts = self._i_default = next(
+            c for c in self.config.languages if c.tag.lower() == "i-default"
+        )
         self._user: str | None = None
         self._username: str | None = None
         self._maildrop: Maildrop | None = None
@@ -163,6 +168,22 @@ class Connection:
     def utf8(self) -> bool:
         """Whether the client enabled UTF8 (RFC 6856)."""
         return self._utf8
+
+    @property
+    def language(self) -> str:
+        """The tag of the reply language (``i-default`` until the client's LANG)."""
+        return self._texts.tag
+
+    def text(self, msg_id: str, **fields: object) -> str:
+        """The reply text *msg_id* (see ``pop3proto._texts.MESSAGES``) in the session's language.
+
+        For the application's own ``Err``/``Ok`` texts, so they follow LANG too.
+        """
+        return self._texts.text(msg_id, **fields)
+
+    def localize(self, english: str) -> str:
+        """*english* in the session's language when it is a catalog text, else unchanged."""
+        return self._texts.localize(english)
 
     @property
     def sending_lines(self) -> bool:
@@ -249,7 +270,7 @@ class Connection:
             # Checked here, not on NEED_DATA (when only a bounded partial line
             # is left): unread input piles up while we are PAUSED.
             if buf.buffered > config.max_buffered_input:
-                self._fatal("Too much input.")
+                self._fatal("too_much_input")
             if self._out_len >= config.output_high_water:
                 return PAUSED
             line = buf.next_line()
@@ -258,7 +279,7 @@ class Connection:
                     # Too long for any line: skip to its end, answer it there.
                     buf.skip_partial()
                 if buf.skipping and buf.skipped >= config.max_buffered_input:
-                    self._fatal("Line too long.")  # a "line" that never ends
+                    self._fatal("line_too_long")  # a "line" that never ends
                 if buf.eof:
                     self._phase = Phase.CLOSED
                     return _CLOSED_EVENT
@@ -338,25 +359,27 @@ class Connection:
         elif isinstance(pending, StartTLS):
             self._pending = None
             if isinstance(response, Ok):
-                self._write(status_line(True, response.text or "Begin TLS negotiation now."))
+                self._write(status_line(True, response.text or self.text("begin_tls")))
                 # RFC 2595 / CVE-2011-0411: nothing sent before TLS counts after it.
                 self._buf.clear()
                 self._tls = True
                 self._user = None
                 self._utf8 = False
+                self._texts = self._i_default
                 self._bad = 0
             else:
                 assert isinstance(response, Err)
-                text = response.text or "TLS not available."
+                text = response.text or self.text("tls_unavailable")
                 self._write(status_line(False, text, response.code))
         else:
             assert isinstance(pending, Update)
             if isinstance(response, Ok):
-                self._write(status_line(True, response.text or "Logging out."))
+                self._write(status_line(True, response.text or self.text("logging_out")))
                 self.stats.deleted += len(pending.deleted)
             else:
                 assert isinstance(response, Err)
-                self._write(status_line(False, response.text or "Deletion failed.", response.code))
+                text = response.text or self.text("deletion_failed")
+                self._write(status_line(False, text, response.code))
             self._close()
 
     def data_to_send(self, max_bytes: int | None = None) -> bytes:
@@ -405,13 +428,15 @@ class Connection:
         self._broken(f"an API misuse: {msg}")
         raise LocalProtocolError(msg)
 
-    def _fatal(self, text: str) -> NoReturn:
+    def _fatal(self, msg_id: str) -> NoReturn:
+        text = self.text(msg_id)
         self._write(status_line(False, text))
-        self._broken(f"the client's protocol error: {text}")
-        self._error = RemoteProtocolError(text, response_hint=text)
+        english = MESSAGES[msg_id]
+        self._broken(f"the client's protocol error: {english}")
+        self._error = RemoteProtocolError(english, response_hint=text)
         raise self._error
 
-    def _bad_command(self, text: str) -> None:
+    def _bad_command(self, msg_id: str) -> None:
         """An unknown, misplaced or malformed command: -ERR, and count it."""
         self._bad += 1
         limit = (
@@ -420,8 +445,8 @@ class Connection:
             else self.config.max_bad_commands_before_login
         )
         if self._bad >= limit:
-            self._fatal("Too many bad commands.")
-        self._write(status_line(False, text))
+            self._fatal("too_many_bad_commands")
+        self._write(status_line(False, self.text(msg_id)))
 
     def _plain_ok(self) -> bool:
         return self._tls or self.config.cleartext_auth
@@ -445,7 +470,7 @@ class Connection:
             return self._sasl_line(line)
         self.stats.commands += 1
         if b"\x00" in line:
-            self._fatal("NUL in command.")
+            self._fatal("nul_in_command")
         keyword, _, rest = line.partition(b" ")
         keyword = keyword.upper()
         if len(line) + 2 > config.max_line_length and (
@@ -463,9 +488,9 @@ class Connection:
                 # Could be a SASL answer sent after a refused AUTH: never echo it.
                 config.trace("C", f"(unknown command, {len(line)} octets)")
             if keyword in KNOWN_COMMANDS:
-                self._bad_command("Command not valid in this state.")
+                self._bad_command("wrong_state")
             else:
-                self._bad_command("Unknown command.")
+                self._bad_command("unknown_command")
             return None
         return handler(self, rest)
 
@@ -498,14 +523,14 @@ class Connection:
         if len(args) in nargs:
             self._bad = 0
             return args
-        self._bad_command("Syntax error.")
+        self._bad_command("syntax_error")
         return None
 
-    def _ok(self, text: str = "") -> None:
-        self._write(status_line(True, text))
+    def _ok(self, msg_id: str = "", **fields: object) -> None:
+        self._write(status_line(True, self.text(msg_id, **fields) if msg_id else ""))
 
-    def _err(self, text: str, code: str | None = None) -> None:
-        self._write(status_line(False, text, code))
+    def _err(self, msg_id: str, code: str | None = None) -> None:
+        self._write(status_line(False, self.text(msg_id), code))
 
     def _multiline(self, first: str, lines: list[str]) -> None:
         lines.append(".")
@@ -529,34 +554,33 @@ class Connection:
                 caps.append("STLS")
             if config.utf8:
                 caps.append("UTF8 USER" if user else "UTF8")
+        if config.lang:
+            caps.append("LANG")
         if self._login_delay is not None:
             caps.append(f"LOGIN-DELAY {self._login_delay}")
         if self._expire is not None:
             caps.append(f"EXPIRE {self._expire}")
         if config.implementation:
             caps.append(f"IMPLEMENTATION {config.implementation}")
-        self._multiline("Capability list follows", caps)
+        self._multiline(self.text("capability_list"), caps)
 
     def _cmd_user(self, rest: bytes) -> None:
         args = self._syntax(rest, (1,))
         if args is None:
             return
         if not self.config.user_command:
-            self._err("USER/PASS not available; use AUTH.")
+            self._err("user_disabled")
             return
         if not self._plain_ok():
-            self._err(
-                "Plaintext authentication disallowed on non-secure (SSL/TLS) connections.",
-                "AUTH",
-            )
+            self._err("plaintext_disallowed", "AUTH")
             return
         name = parse_username(args[0], self._utf8)
         if name is None:
             self._user = None
             if not args[0].isascii() and not self._utf8:
-                self._err("Non-ASCII user name needs the UTF8 command first.")
+                self._err("non_ascii_user")
             else:
-                self._err("Invalid user name.")
+                self._err("invalid_user_name")
             return
         self._user = name
         self._ok()
@@ -565,11 +589,11 @@ class Connection:
         # RFC 1939: the argument may contain spaces; it is the rest of the line.
         if not rest:
             self._user = None  # a failed PASS ends the USER/PASS pair too
-            self._bad_command("Syntax error.")
+            self._bad_command("syntax_error")
             return None
         self._bad = 0
         if self._user is None:
-            self._err("No username given.")
+            self._err("no_username")
             return None
         user, self._user = self._user, None
         password = rest.decode("utf-8", "surrogateescape")
@@ -582,18 +606,15 @@ class Connection:
         if args is None:
             return None
         if not self.config.apop or self._apop_ts is None:
-            self._err("APOP not available.")
+            self._err("apop_unavailable")
             return None
         if not self._plain_ok():
-            self._err(
-                "Plaintext authentication disallowed on non-secure (SSL/TLS) connections.",
-                "AUTH",
-            )
+            self._err("plaintext_disallowed", "AUTH")
             return None
         name = parse_username(args[0], self._utf8)
         digest = args[1].decode("latin-1").lower()
         if name is None or len(digest) != 32 or not _HEX.issuperset(digest):
-            self._err("Invalid APOP arguments.")
+            self._err("apop_invalid")
             return None
         return ApopLogin(username=name, digest=digest)
 
@@ -608,13 +629,13 @@ class Connection:
             return None
         mech = args[0].upper().decode("ascii", "replace")
         if mech not in mechs:
-            self._err("Unsupported authentication mechanism.")
+            self._err("unsupported_mechanism")
             return None
         initial: bytes | None = None
         if len(args) == 2:
             initial = b"" if args[1] == b"=" else decode_base64(args[1])
             if initial is None:
-                self._auth_failed(Err(text="Invalid base64 data in initial response."))
+                self._auth_failed(Err(text=self.text("invalid_initial_response")))
                 return None
         self._mechanism = mech
         return AuthStart(mechanism=mech, initial_response=initial)
@@ -630,12 +651,12 @@ class Connection:
             if trace is not None:
                 trace("C", "***")
             self._reply = Reply.IDLE
-            self._auth_failed(Err(text="Line too long."))
+            self._auth_failed(Err(text=self.text("line_too_long")))
             return
         if trace is not None:
             trace("C", "(line too long)")
         self._user = None  # it was not PASS
-        self._bad_command("Line too long.")
+        self._bad_command("line_too_long")
 
     def _sasl_line(self, line: bytes) -> Event | None:
         if len(line) + 2 > self.config.max_sasl_line_length:
@@ -648,12 +669,12 @@ class Connection:
             return AuthAborted(mechanism=self._mechanism)
         data = decode_base64(line)
         if data is None:
-            self._auth_failed(Err(text="Invalid base64 data."))
+            self._auth_failed(Err(text=self.text("invalid_base64")))
             return None
         return AuthResponse(data=data)
 
     def _auth_failed(self, err: Err) -> None:
-        self._write(status_line(False, err.text or "Authentication failed.", err.code))
+        self._write(status_line(False, err.text or self.text("auth_failed"), err.code))
         if err.code in (None, "AUTH"):
             self.stats.auth_failures += 1
             if self.stats.auth_failures >= self.config.max_auth_failures:
@@ -663,10 +684,10 @@ class Connection:
         if self._syntax(rest, (0,)) is None:
             return None
         if not self.config.stls:
-            self._err("TLS support isn't enabled.")
+            self._err("stls_disabled")
             return None
         if self._tls:
-            self._err("TLS is already active.")
+            self._err("tls_active")
             return None
         return StartTLS()
 
@@ -674,10 +695,34 @@ class Connection:
         if self._syntax(rest, (0,)) is None:
             return
         if not self.config.utf8:
-            self._err("UTF8 not available.")
+            self._err("utf8_unavailable")
             return
         self._utf8 = True
-        self._ok("UTF8 enabled")
+        self._ok("utf8_enabled")
+
+    def _cmd_lang(self, rest: bytes) -> None:
+        """RFC 6856 section 3: list the languages, or pick one by a language range."""
+        args = self._syntax(rest, (0, 1))
+        if args is None:
+            return
+        config = self.config
+        if not config.lang:
+            self._err("lang_unavailable")
+            return
+        if not args:
+            listing = [f"{c.tag} {c.description}" for c in config.languages]
+            self._multiline(self.text("language_listing"), listing)
+            return
+        if not valid_language_range(args[0]):
+            self._err("language_range_invalid")
+            return
+        chosen = match_language(args[0].decode("ascii"), config.languages)
+        if chosen is None:
+            # RFC 6856 names no response code for this; the language stays.
+            self._err("language_unsupported")
+            return
+        self._texts = chosen
+        self._write(status_line(True, f"{chosen.tag} {chosen.text('language_changed')}"))
 
     def _cmd_quit(self, rest: bytes) -> Event | None:
         if self._syntax(rest, (0,)) is None:
@@ -686,7 +731,7 @@ class Connection:
             assert self._maildrop is not None
             self._phase = Phase.UPDATE
             return Update(deleted=self._maildrop.deleted_keys())
-        self._ok("Logging out.")
+        self._ok("logging_out")
         self._close()
         return None
 
@@ -698,10 +743,10 @@ class Connection:
         drop = self._maildrop
         assert drop is not None
         if number is None:
-            self._err("Invalid message number.")
+            self._err("invalid_message_number")
             return None
         if drop.get(number) is None:
-            self._err("Message is deleted." if drop.exists(number) else "No such message.")
+            self._err("message_deleted" if drop.exists(number) else "no_such_message")
             return None
         return number
 
@@ -722,7 +767,8 @@ class Connection:
             if number is not None:
                 self._write(b"+OK %d %d\r\n" % (number, drop.messages[number - 1].size))
             return
-        lines = [b"+OK %d messages (%d octets)" % (drop.count, drop.octets)]
+        lines = [status_line(True, self.text("scan_listing", count=drop.count,
+                                             octets=drop.octets))[:-2]]
         lines += [b"%d %d" % (n, m.size) for n, m in drop.live()]
         lines.append(b".\r\n")
         self._write(b"\r\n".join(lines))
@@ -736,7 +782,7 @@ class Connection:
         if args:
             number = self._message(args[0])
             if number is not None:
-                self._ok(f"{number} {drop.messages[number - 1].uid}")
+                self._write(status_line(True, f"{number} {drop.messages[number - 1].uid}"))
             return
         lines = [f"{n} {m.uid}" for n, m in drop.live()]
         self._multiline("", lines)
@@ -761,7 +807,7 @@ class Connection:
             return None
         lines = parse_number(args[1])
         if lines is None:
-            self._err("Invalid line count.")
+            self._err("invalid_line_count")
             return None
         assert self._maildrop is not None
         info = self._maildrop.messages[number - 1]
@@ -775,14 +821,14 @@ class Connection:
         if number is not None:
             assert self._maildrop is not None
             self._maildrop.mark(number)
-            self._ok("Marked to be deleted.")
+            self._ok("marked_deleted")
 
     def _cmd_rset(self, rest: bytes) -> None:
         if self._syntax(rest, (0,)) is not None:
             drop = self._maildrop
             assert drop is not None
             drop.reset()
-            self._ok(f"maildrop has {drop.count} messages ({drop.octets} octets)")
+            self._ok("maildrop_has", count=drop.count, octets=drop.octets)
 
     def _cmd_noop(self, rest: bytes) -> None:
         if self._syntax(rest, (0,)) is not None:
@@ -810,15 +856,11 @@ class Connection:
                 self._expire = response.expire
             self._phase = Phase.TRANSACTION
             self._bad = 0
-            self._write(status_line(True, response.text))
+            self._write(status_line(True, response.text or self.text("logged_in")))
             return
         assert isinstance(response, Err)
         if not response.text:
-            text = (
-                "Authentication aborted."
-                if isinstance(pending, AuthAborted)
-                else "Authentication failed."
-            )
+            text = self.text("auth_aborted" if isinstance(pending, AuthAborted) else "auth_failed")
             response = Err(text=text, code=response.code)
         self._auth_failed(response)
 
@@ -839,7 +881,7 @@ class Connection:
             assert isinstance(response, Ok)
             text = response.text
             if not text and isinstance(pending, RetrieveMessage):
-                text = f"{pending.size} octets"
+                text = self.text("message_octets", size=pending.size)
             self._write(status_line(True, text))
             self._stuffer = DotStuffer()
             if isinstance(pending, TopOfMessage):
@@ -848,7 +890,8 @@ class Connection:
             return
         if kind is Err:
             assert isinstance(response, Err)
-            self._write(status_line(False, response.text or "Message unavailable.", response.code))
+            text = response.text or self.text("message_unavailable")
+            self._write(status_line(False, text, response.code))
             self._pending = None
             return
         self._misuse(f"{kind.__name__} before Ok")

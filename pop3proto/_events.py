@@ -193,7 +193,8 @@ class LoginAccepted(Response):
     """
 
     maildrop: Maildrop
-    text: str = "Logged in."
+    #: The +OK text; empty picks the catalog's "Logged in." in the session's language.
+    text: str = ""
     #: The authenticated name (needed after AUTH; USER/APOP supply it).
     username: str | None = None
     login_delay: int | None = None

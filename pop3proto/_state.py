@@ -52,7 +52,7 @@ class Phase(enum.Enum):
 
     #: Nothing sent yet; waiting for the application's Greeting.
     GREETING = "greeting"
-    #: Before login: USER/PASS, APOP, AUTH, STLS, UTF8, CAPA, QUIT.
+    #: Before login: USER/PASS, APOP, AUTH, STLS, UTF8, LANG, CAPA, QUIT.
     AUTHORIZATION = "authorization"
     #: Logged in with the maildrop locked.
     TRANSACTION = "transaction"
@@ -90,6 +90,7 @@ COMMANDS: dict[Phase, dict[bytes, str]] = {
         b"AUTH": "auth",  # -> AuthStart
         b"STLS": "stls",  # -> StartTLS
         b"UTF8": "utf8",
+        b"LANG": "lang",
         b"CAPA": "capa",
         b"QUIT": "quit",  # -> CLOSED
     },
@@ -104,6 +105,7 @@ COMMANDS: dict[Phase, dict[bytes, str]] = {
         b"NOOP": "noop",
         b"QUIT": "quit",  # -> UPDATE, Update
         b"CAPA": "capa",
+        b"LANG": "lang",
     },
 }
 

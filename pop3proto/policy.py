@@ -27,6 +27,9 @@ that many days ago (``expired``) are deleted with the client's, then this
 session's first RETR times are handed to it (``retrieved``); with
 ``EXPIRE 0`` every message retrieved is deleted at UPDATE, DELE or not.  A
 session that never reaches UPDATE records and deletes nothing.
+
+Its reply texts come from the core's catalog in the session's language (``_t``,
+RFC 6856 LANG), so they are byte-identical to the English ones until a client's LANG.
 """
 
 from __future__ import annotations
@@ -145,6 +148,10 @@ class Policy:
         self._scram_user: str | None = None
         self._oauth_failed = False
 
+    def _t(self, msg_id: str) -> str:
+        """The reply text *msg_id* in the session's language (the Connection's catalog)."""
+        return self.driver.conn.text(msg_id)
+
     # -- greeting
 
     def greet(self) -> Steps:
@@ -192,7 +199,7 @@ class Policy:
             yield from self._apop(event)
         elif isinstance(event, StartTLS):
             if self.services.ssl_context() is None:
-                yield Err(text="TLS support isn't enabled.")
+                yield Err(text=self._t("stls_disabled"))
                 return
             yield Ok()
             yield START_TLS
@@ -201,23 +208,29 @@ class Policy:
         elif isinstance(event, ConnectionClosed):
             yield from self.release()
         else:  # an event this policy does not know: refuse it, never leave it pending
-            yield Err(text="Not supported.")
+            yield Err(text=self._t("not_supported"))
 
     # -- logins
 
-    def _fail(self, reason: str, text: str = "Authentication failed.") -> Steps:
+    def _fail(self, reason: str, msg_id: str = "auth_failed", text: str = "") -> Steps:
+        """A failed login: counted, logged with *reason*, delayed, then ``-ERR [AUTH]``.
+
+        The client sees *text* if given (a SASL mechanism's reason, put in
+        the session's language when the catalog knows it), else *msg_id*.
+        """
         driver = self.driver
         self.auth_failures += 1
         delay = self.services.login_failed(driver.peer[0], driver.now)
         driver.log_login_failed(reason, delay)
         if delay > 0:
             yield Sleep(delay)
+        text = self.driver.conn.localize(text) if text else self._t(msg_id)
         yield Err(text=text, code="AUTH")
 
     def _unavailable(self, what: str, exc: BaseException) -> Steps:
         """An authenticator failure: [SYS/TEMP], logged, never counted as a failed login."""
         self.driver.log_error(what, exc)
-        yield Err(text="Authentication is temporarily unavailable.", code="SYS/TEMP")
+        yield Err(text=self._t("auth_unavailable"), code="SYS/TEMP")
 
     def _lookup(self, name: str) -> Generator[Step, Any, tuple[Verifier, str] | None]:
         """The (verifier, mailbox) for *name*, None if unknown; raises what lookup raised."""
@@ -298,12 +311,12 @@ class Policy:
         self._mech = None
         self._scram_user = None
         self._oauth_failed = False
-        yield from self._fail("aborted", "Authentication aborted.")
+        yield from self._fail("aborted", "auth_aborted")
 
     def _auth_step(self, data: bytes | None) -> Steps:
         mech = self._mech
         if mech is None:  # pragma: no cover - the core only sends AuthResponse mid-exchange
-            yield Err(text="No authentication in progress.")
+            yield Err(text=self._t("no_auth_in_progress"))
             return
         try:
             yield from self._sasl_step(mech, data)
@@ -354,13 +367,13 @@ class Policy:
             return
         if isinstance(step, sasl.Failure):
             self.attempted_user = self.attempted_user or None
-            yield from self._fail(step.reason.rstrip(".").lower() or "failed", step.reason)
+            yield from self._fail(step.reason.rstrip(".").lower() or "failed", text=step.reason)
             return
         if isinstance(step, sasl.PasswordCredentials):
             if step.authzid and step.authzid != step.authcid:
                 self.attempted_user = step.authcid
                 yield from self._fail("authorization identity not allowed",
-                                      "Authorization identity not allowed.")
+                                      "authzid_not_allowed")
                 return
             yield from self._password_login(step.authcid, step.password)
             return
@@ -441,7 +454,7 @@ class Policy:
         overrides = yield from self._user_settings(name)
         if overrides is None:
             self.user = None
-            yield Err(text="Authentication is temporarily unavailable.", code="SYS/TEMP")
+            yield Err(text=self._t("auth_unavailable"), code="SYS/TEMP")
             return
         config = driver.conn.config
         delay = overrides.get("login_delay", config.login_delay)
@@ -469,17 +482,17 @@ class Policy:
             except MailboxRefused as exc:  # for good, not temporarily: logged
                 driver.log_error("maildrop refused", exc)
                 self.user = None
-                yield Err(text="Mailbox is not accessible.", code="SYS/PERM")
+                yield Err(text=self._t("mailbox_refused"), code="SYS/PERM")
                 return
             except Exception as exc:  # any storage failure: [SYS/TEMP], logged
                 driver.log_error("lock failed", exc)
                 self.user = None
-                yield Err(text="Mailbox is temporarily unavailable.", code="SYS/TEMP")
+                yield Err(text=self._t("mailbox_unavailable"), code="SYS/TEMP")
                 return
             if not locked:
                 self.user = None
                 driver.log_login_failed("mailbox in use", 0.0)
-                yield Err(text="Mailbox is locked by another POP3 session.", code="IN-USE")
+                yield Err(text=self._t("mailbox_locked"), code="IN-USE")
                 return
             self.mailbox, self.locked = mailbox, True
             try:
@@ -488,7 +501,7 @@ class Policy:
                 driver.log_error("scan failed", exc)
                 yield from self.release()
                 self.user = None
-                yield Err(text="Mailbox is temporarily unavailable.", code="SYS/TEMP")
+                yield Err(text=self._t("mailbox_unavailable"), code="SYS/TEMP")
                 return
         self.mailbox = mailbox
         if times is not None:
@@ -509,13 +522,13 @@ class Policy:
     def _send_message(self, event: RetrieveMessage | TopOfMessage) -> Steps:
         storage = self.settings.storage
         if storage is None or self.mailbox is None:  # pragma: no cover - empty maildrops
-            yield Err(text="No such message.", code="SYS/TEMP")
+            yield Err(text=self._t("no_such_message"), code="SYS/TEMP")
             return
         try:
             stream = yield _call(storage.get, self.mailbox, event.key)
         except Exception as exc:  # any storage failure: [SYS/TEMP], logged
             self.driver.log_error(f"message {event.key} unavailable", exc)
-            yield Err(text="Message is temporarily unavailable.", code="SYS/TEMP")
+            yield Err(text=self._t("message_temporarily_unavailable"), code="SYS/TEMP")
             return
         chunk_size = self.settings.chunk_size
         conn = self.driver.conn
@@ -589,14 +602,14 @@ class Policy:
                 yield from self._record(expired)
                 yield from self.release()
                 self.driver.end_reason = "Logged out (deletion failed)"
-                yield Err(text="Some messages could not be deleted.", code="SYS/TEMP")
+                yield Err(text=self._t("some_not_deleted"), code="SYS/TEMP")
                 return
         # After the deletions: a crash in between loses this session's times
         # (messages kept longer), never deletes sooner; gone keys are dropped.
         yield from self._record(expired)
         yield from self.release()
         self.driver.end_reason = "Logged out"
-        yield Ok(text="Logging out.")
+        yield Ok(text=self._t("logging_out"))
 
     def release(self) -> Steps:
         """Unlock the maildrop if this session holds it (every end of a session runs this)."""

@@ -90,9 +90,11 @@ def capa(*caps: str) -> list[str]:
 
 
 #: CAPA with the default Config before login, on a cleartext connection.
-CAPA_AUTHORIZATION = capa("USER", "SASL PLAIN LOGIN", "UTF8 USER", "IMPLEMENTATION pop3proto")
+CAPA_AUTHORIZATION = capa(
+    "USER", "SASL PLAIN LOGIN", "UTF8 USER", "LANG", "IMPLEMENTATION pop3proto"
+)
 #: CAPA with the default Config after login.
-CAPA_TRANSACTION = capa("IMPLEMENTATION pop3proto")
+CAPA_TRANSACTION = capa("LANG", "IMPLEMENTATION pop3proto")
 
 
 def wire(*lines: str) -> bytes:

@@ -370,18 +370,20 @@ def capa_of(conn: Connection) -> list[str]:
         (
             cfg(cleartext_auth=False),
             False,
-            R.capa("UTF8", "IMPLEMENTATION pop3proto"),
+            R.capa("UTF8", "LANG", "IMPLEMENTATION pop3proto"),
         ),
         (cfg(cleartext_auth=False), True, R.CAPA_AUTHORIZATION),
         (
             cfg(cleartext_auth=False, sasl_mechanisms=("SCRAM-SHA-256", "PLAIN")),
             False,
-            R.capa("SASL SCRAM-SHA-256", "UTF8", "IMPLEMENTATION pop3proto"),
+            R.capa("SASL SCRAM-SHA-256", "UTF8", "LANG", "IMPLEMENTATION pop3proto"),
         ),
         (
             cfg(stls=True),
             False,
-            R.capa("USER", "SASL PLAIN LOGIN", "STLS", "UTF8 USER", "IMPLEMENTATION pop3proto"),
+            R.capa(
+                "USER", "SASL PLAIN LOGIN", "STLS", "UTF8 USER", "LANG", "IMPLEMENTATION pop3proto"
+            ),
         ),
         (cfg(stls=True), True, R.CAPA_AUTHORIZATION),
         (
@@ -391,20 +393,21 @@ def capa_of(conn: Connection) -> list[str]:
                 "USER",
                 "SASL PLAIN LOGIN",
                 "UTF8 USER",
+                "LANG",
                 "LOGIN-DELAY 900",
                 "EXPIRE NEVER",
                 "IMPLEMENTATION test 1.0",
             ),
         ),
         (
-            cfg(implementation=None, utf8=False, sasl_mechanisms=()),
+            cfg(implementation=None, utf8=False, lang=False, sasl_mechanisms=()),
             False,
             R.capa("USER"),
         ),
         (
             cfg(user_command=False, expire=0),
             False,
-            R.capa("SASL PLAIN LOGIN", "UTF8", "EXPIRE 0", "IMPLEMENTATION pop3proto"),
+            R.capa("SASL PLAIN LOGIN", "UTF8", "LANG", "EXPIRE 0", "IMPLEMENTATION pop3proto"),
         ),
     ],
     ids=[
@@ -430,14 +433,20 @@ def test_capa_in_transaction(txn: Connection) -> None:
 
 def test_capa_in_transaction_with_policy() -> None:
     conn = logged_in(cfg(login_delay=900, expire=31, stls=True))
-    assert capa_of(conn) == R.capa("LOGIN-DELAY 900", "EXPIRE 31", "IMPLEMENTATION pop3proto")
+    assert capa_of(conn) == R.capa(
+        "LANG", "LOGIN-DELAY 900", "EXPIRE 31", "IMPLEMENTATION pop3proto"
+    )
 
 
 def test_capa_in_transaction_is_per_user() -> None:
     conn = logged_in(cfg(login_delay=900, expire="NEVER"), login_delay=60, expire=30)
-    assert capa_of(conn) == R.capa("LOGIN-DELAY 60", "EXPIRE 30", "IMPLEMENTATION pop3proto")
+    assert capa_of(conn) == R.capa(
+        "LANG", "LOGIN-DELAY 60", "EXPIRE 30", "IMPLEMENTATION pop3proto"
+    )
     conn = logged_in(login_delay=0, expire="NEVER")
-    assert capa_of(conn) == R.capa("LOGIN-DELAY 0", "EXPIRE NEVER", "IMPLEMENTATION pop3proto")
+    assert capa_of(conn) == R.capa(
+        "LANG", "LOGIN-DELAY 0", "EXPIRE NEVER", "IMPLEMENTATION pop3proto"
+    )
 
 
 def test_capa_takes_no_argument(conn: Connection) -> None:
@@ -465,7 +474,7 @@ def test_plaintext_logins_allowed_over_tls() -> None:
 
 STLS_CONFIG = cfg(stls=True)
 CAPA_BEFORE_TLS = R.capa(
-    "USER", "SASL PLAIN LOGIN", "STLS", "UTF8 USER", "IMPLEMENTATION pop3proto"
+    "USER", "SASL PLAIN LOGIN", "STLS", "UTF8 USER", "LANG", "IMPLEMENTATION pop3proto"
 )
 
 

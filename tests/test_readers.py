@@ -117,7 +117,7 @@ def test_parse_username(arg: bytes, utf8: bool, value: str | None) -> None:
 AUTHORIZATION_LINES: list[tuple[bytes, bytes, list[Event], bytes]] = [
     (b"", b"USER mrose\r\n", [], W(R.OK)),
     (b"", b"user mrose\n", [], W(R.OK)),
-    (b"", b"CAPA\r\n", [], W(*R.capa("USER", "SASL PLAIN LOGIN", "UTF8 USER"))),
+    (b"", b"CAPA\r\n", [], W(*R.capa("USER", "SASL PLAIN LOGIN", "UTF8 USER", "LANG"))),
     (b"", b"UTF8\r\n", [], W(R.UTF8_ENABLED)),
     (b"", b"AUTH\r\n", [], W(R.OK, "PLAIN", "LOGIN", R.END)),
     (
@@ -159,7 +159,7 @@ TRANSACTION_LINES: list[tuple[bytes, bytes, list[Event], bytes]] = [
     (b"", b"DELE 1\r\n", [], W(R.DELETED)),
     (b"DELE 1\r\n", b"RSET\r\n", [], W(R.RSET_2)),
     (b"", b"NOOP\r\n", [], W(R.OK)),
-    (b"", b"CAPA\r\n", [], W(*R.capa())),
+    (b"", b"CAPA\r\n", [], W(*R.capa("LANG"))),
     (b"", b"RETR 2\r\n", [RetrieveMessage(number=2, key="m2", size=200)], W(R.MESSAGE_UNAVAILABLE)),
     (b"", b"TOP 1 5\r\n", [TopOfMessage(number=1, key="m1", lines=5)], W(R.MESSAGE_UNAVAILABLE)),
     (b"", b"UTF8\r\n", [], W(R.WRONG_STATE)),
