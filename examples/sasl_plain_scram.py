@@ -19,6 +19,7 @@ from mailapp import PASSWORD, USER, MailApp
 from pop3proto import (
     NEED_DATA,
     PAUSED,
+    AuthAborted,
     AuthResponse,
     AuthStart,
     Config,
@@ -95,6 +96,8 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 conn.send(login.start(event))
             elif isinstance(event, AuthResponse):
                 conn.send(login.step(event.data))
+            elif isinstance(event, AuthAborted):  # the client sent "*"
+                conn.send(Err(text="Authentication aborted.", code="AUTH"))
             elif event is not PAUSED:  # PAUSED: the output high-water mark, flushed above
                 APP.answer(conn, event, session)  # USER/PASS, RETR, TOP, QUIT
             await flush()
