@@ -44,6 +44,11 @@ MESSAGES: Final[Mapping[str, str]] = MappingProxyType(
     {
         # -- framing and command dispatch
         "too_much_input": "Too much input.",
+        # -- the session's end, said by the server
+        "inactivity": "Disconnected for inactivity.",
+        "shutting_down": "Server shutting down.",
+        "server_busy": "Server is busy, try again later.",
+        "login_delay": "Logged in less than {seconds} seconds ago.",
         "line_too_long": "Line too long.",
         "too_many_bad_commands": "Too many bad commands.",
         "nul_in_command": "NUL in command.",

@@ -195,7 +195,7 @@ class SessionDriver:
         self._touched = False
         self._eof = False
         self._sleep_input = 0
-        self._pending_shutdown: str | None = None
+        self._pending_shutdown: str | None = None  # "" for the default text
         self._releasing = False
         self._lost = False
         self._ending = False
@@ -307,18 +307,22 @@ class SessionDriver:
         if not self._in_call:  # else the call's result (a lock taken?) is seen first
             self._abandon_steps()
 
-    def shutdown(self, text: str = "Server shutting down.") -> None:
-        """End the session now, without an update: ``-ERR [SYS/TEMP] text`` where possible."""
+    def shutdown(self, text: str | None = None) -> None:
+        """End the session now, without an update: ``-ERR [SYS/TEMP] text`` where possible.
+
+        The text is "Server shutting down." in the session's language by default.
+        """
         if self._closed or self._ending:
             return
         if self._in_call:  # the call's result is taken in first (a lock taken is released)
-            self._pending_shutdown = text
+            self._pending_shutdown = text or ""
             return
         if self._handshaking:  # no line can be sent in the middle of a handshake
             self.connection_lost(ConnectionAbortedError("server shutting down"))
             self.end_reason = "Server shutting down"
             return
         self.end_reason = "Server shutting down"
+        text = text if text is not None else self.conn.text("shutting_down")
         self._say_goodbye(Disconnect(text=text, code="SYS/TEMP"))
 
     def next_action(self, now: float) -> Action:
@@ -338,7 +342,7 @@ class SessionDriver:
                 return CLOSE
             if self._pending_shutdown is not None and self._steps is None:
                 text, self._pending_shutdown = self._pending_shutdown, None
-                self.shutdown(text)
+                self.shutdown(text or None)
             if self._tls_due:
                 out = self._out()
                 if out is not None:
@@ -355,7 +359,7 @@ class SessionDriver:
             if self._sleep_until is not None:
                 if self._sleep_input > _MAX_INPUT_WHILE_DELAYED and not self._lost:
                     self.end_reason = "Too much input during a failed-login delay"
-                    self._say_goodbye(Disconnect(text="Too much input.", code=None))
+                    self._say_goodbye(Disconnect(text=self.conn.text("too_much_input"), code=None))
                     continue
                 if self._eof or self._lost:
                     # The client hung up during a failed-login delay: free its slot
@@ -448,7 +452,7 @@ class SessionDriver:
             return None
         if self._pending_shutdown is not None:
             text, self._pending_shutdown = self._pending_shutdown, None
-            self.shutdown(text)
+            self.shutdown(text or None)
             return None
         if isinstance(step, Call):
             if self._lost and not self._releasing:
@@ -506,7 +510,7 @@ class SessionDriver:
 
     def _timed_out(self) -> None:
         self.end_reason = "Disconnected for inactivity"
-        self._say_goodbye(Disconnect(text="Disconnected for inactivity.", code=None))
+        self._say_goodbye(Disconnect(text=self.conn.text("inactivity"), code=None))
 
     def _finish(self) -> Action:
         """The session is ending: write the last bytes, release the lock, then CLOSE."""

@@ -124,6 +124,13 @@ _TABLE = [
     Option("oauth", None, "oauth(user, token) -> bool; enables OAUTHBEARER and XOAUTH2.",
            "a callable or None", _callable, cli=False),
     Option("utf8", True, "Offer the UTF8 command (RFC 6856).", "a bool", _is(bool)),
+    Option("lang", True, "Offer the LANG command (RFC 6856): reply texts in the client's "
+           "language.", "a bool", _is(bool)),
+    Option("languages", (), "Reply languages besides i-default and English: tags of the "
+           "shipped translations (such as 'de') or pop3proto.Catalog objects.",
+           "a list of language tags or Catalogs",
+           lambda v: isinstance(v, (tuple, list)) and all((isinstance(x, str) and x) or
+                                                         hasattr(x, "tag") for x in v)),
     Option("idle_timeout", 600.0, "Seconds a logged-in session may stay silent (RFC 1939 "
            "autologout: at least 600); 0 for none.", _SECONDS, _nonneg(int, float)),
     Option("login_timeout", 60.0, "Seconds from connect to a successful login; 0 for none.",

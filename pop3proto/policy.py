@@ -167,7 +167,7 @@ class Policy:
         except Exception as exc:  # the host could not run it (no thread under a task limit)
             driver.log_error("session set-up failed", exc)
             driver.end_reason = "Set-up failed"
-            yield Disconnect(text="Server is busy, try again later.", code="SYS/TEMP")
+            yield Disconnect(text=self._t("server_busy"), code="SYS/TEMP")
             return
         driver.attach(config)
         if config.apop and (config.cleartext_auth or driver.tls):
@@ -471,7 +471,8 @@ class Policy:
                 # Only after the credentials checked out: it tells a guesser nothing.
                 self.user = None
                 driver.log_login_failed("login delay", 0.0)
-                yield Err(text=f"Logged in less than {delay} seconds ago.", code="LOGIN-DELAY")
+                text = driver.conn.text("login_delay", seconds=delay)
+                yield Err(text=text, code="LOGIN-DELAY")
                 return
         messages: Sequence[MessageInfo] = ()
         if storage is not None:

@@ -21,10 +21,12 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from ._config import Config
+from ._texts import DEFAULT_LANGUAGES, Catalog
 from .auth import ScramSecret, decoy_scram
 from .driver import SessionDriver, Settings
 from .limits import AddressCounter, Penalties, PenaltyTable, address_group
@@ -32,9 +34,6 @@ from .ops.logfmt import event_message
 from .options import OPTIONS, check_option
 from .pop3d import Pop3dAuth, Pop3dStorage
 from .storage import SafeLog, nonblocking
-
-if TYPE_CHECKING:
-    from collections.abc import Iterable
 
 __all__ = ["Server", "TransportHandle", "is_loopback"]
 
@@ -83,6 +82,21 @@ def load_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key or None)
     return ctx
+
+
+def _catalogs(languages: Iterable[Any]) -> list[Catalog]:
+    """The catalogs for the ``languages`` option: shipped ones by tag, or Catalogs as given."""
+    from . import lang
+
+    out = []
+    for item in languages:
+        if isinstance(item, str):
+            try:
+                item = lang.load(item)
+            except (LookupError, ValueError) as exc:
+                raise TypeError(f"option 'languages': {exc}") from None
+        out.append(item)
+    return out
 
 
 def _capability(obj: Any, name: str, default: Any) -> Any:
@@ -434,6 +448,8 @@ class Server:
                 cleartext_auth=plain_ok,
                 stls=context is not None and not tls,
                 utf8=opts["utf8"],
+                lang=opts["lang"],
+                languages=(*DEFAULT_LANGUAGES, *_catalogs(opts["languages"])),
                 login_delay=opts["login_delay"],
                 expire=opts["expire"],
             )

@@ -443,3 +443,41 @@ def test_the_greeting_stays_in_i_default() -> None:
     conn = Connection(cfg())
     conn.send(Greeting())
     assert conn.data_to_send() == W(R.GREETING_DEFAULT)
+
+
+@pytest.mark.parametrize("transport", ["blocking", "selectors", "anyio"])
+def test_lang_over_a_real_socket_with_the_languages_option(transport: str) -> None:
+    """The ``languages`` option offers a shipped translation; replies follow LANG, to the goodbye."""
+    import socket
+
+    from pop3proto.memstore import MemoryStorage
+    from pop3proto.passwd import DictAuthenticator
+
+    server = Server(transport=transport, port=0, auth=DictAuthenticator({"a": "b"}),
+                    storage=MemoryStorage(), languages=("de",), cleartext_auth=True,
+                    auth_failure_delay=0)
+    server.up()
+    try:
+        with socket.create_connection(("127.0.0.1", server.cget("port")), timeout=5) as sock:
+            f = sock.makefile("rb")
+            assert f.readline() == b"+OK POP3 server ready.\r\n"
+            sock.sendall(b"LANG\r\n")
+            listing = []
+            while (line := f.readline()) != b".\r\n":
+                listing.append(line)
+            assert listing[1:] == [b"i-default Default language\r\n", b"en English\r\n",
+                                   b"de Deutsch\r\n"]
+            sock.sendall(b"LANG de\r\nUSER a\r\nPASS x\r\nFOO\r\n")
+            assert f.readline() == b"+OK de Sprache gewechselt\r\n"
+            assert f.readline() == b"+OK\r\n"
+            assert f.readline() == b"-ERR [AUTH] Anmeldung fehlgeschlagen.\r\n"
+            assert f.readline() == b"-ERR Unbekannter Befehl.\r\n"
+            server.kill_sessions()
+            assert f.readline() == b"-ERR [SYS/TEMP] Der Server wird heruntergefahren.\r\n"
+    finally:
+        server.destroy("kill")
+
+
+def test_an_unknown_language_is_refused_at_configure() -> None:
+    with pytest.raises(TypeError, match="languages"):
+        Server(languages=("xx-nope",))

@@ -172,7 +172,7 @@ class _Handle:
             return
         # Refused (over a limit), or no thread for it: answer from here, briefly.
         if client.driver.refused is None:
-            client.driver.shutdown("Server is busy, try again later.")
+            client.driver.shutdown(client.driver.conn.text("server_busy"))
         sock.settimeout(_REFUSE_WAIT)
         client.run()
 
