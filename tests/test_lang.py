@@ -447,7 +447,7 @@ def test_the_greeting_stays_in_i_default() -> None:
 
 @pytest.mark.parametrize("transport", ["blocking", "selectors", "anyio"])
 def test_lang_over_a_real_socket_with_the_languages_option(transport: str) -> None:
-    """The ``languages`` option offers a shipped translation; replies follow LANG, to the goodbye."""
+    """The languages option offers a shipped translation; replies follow LANG to the goodbye."""
     import socket
 
     from pop3proto.memstore import MemoryStorage
