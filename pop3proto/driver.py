@@ -142,6 +142,12 @@ class Services(Protocol):
     def decoy_scram(self, name: str) -> Any:
         """A SCRAM secret for an unknown *name*: the same for the same name, cheap."""
 
+    def last_login(self, mailbox: str) -> float | None:
+        """When *mailbox* last logged in (LOGIN-DELAY), for stores that keep no such time."""
+
+    def logged_in(self, mailbox: str, when: float) -> None:
+        """Record a login of *mailbox* at *when* (wall-clock seconds)."""
+
     def nonce(self) -> str:
         """A fresh random token (APOP timestamps, SASL nonces)."""
 

@@ -66,7 +66,7 @@ from ._events import (
 )
 from ._maildrop import Maildrop, MessageInfo
 from .auth import ScramSecret, Verifier, cram_md5_digest, verify_apop
-from .storage import MailboxLocked, MailboxRefused, runs_inline
+from .storage import MailboxLocked, MailboxRefused, capability, runs_inline
 
 if TYPE_CHECKING:
     from .driver import SessionDriver
@@ -411,7 +411,7 @@ class Policy:
     def _decoy(self, name: str) -> Call:
         """A Call that gives the SCRAM secret to answer an unknown *name* with."""
         auth = self.settings.auth
-        decoy = getattr(auth, "decoy_scram", None) if auth is not None else None
+        decoy = capability(auth, "decoy_scram")
         if decoy is not None:  # per-name salts from the authenticator's secret
             return _call(decoy, name)
         return Call(self.services.decoy_scram, (name,), True)
@@ -419,7 +419,7 @@ class Policy:
     def _user_settings(self, name: str) -> Generator[Step, Any, Mapping[str, Any] | None]:
         """The user's overrides (``auth.user_settings``), checked; None if they failed."""
         auth = self.settings.auth
-        get = getattr(auth, "user_settings", None) if auth is not None else None
+        get = capability(auth, "user_settings")
         if get is None:
             return {}
         if not name.isascii():
@@ -439,12 +439,11 @@ class Policy:
 
     def _login_times(self) -> tuple[Callable[..., Any], Callable[..., Any]] | None:
         """(last_login, logged_in): the storage's if it keeps them, else the server's."""
-        for owner in (self.settings.storage, self.services):
-            last = getattr(owner, "last_login", None)
-            record = getattr(owner, "logged_in", None)
-            if last is not None and record is not None:
-                return last, record
-        return None
+        storage = self.settings.storage
+        last, record = capability(storage, "last_login"), capability(storage, "logged_in")
+        if last is not None and record is not None:
+            return last, record
+        return self.services.last_login, self.services.logged_in
 
     def _open(self, name: str, mailbox: str) -> Steps:
         """Apply LOGIN-DELAY, lock the maildrop and list it; the end of every successful login."""
@@ -567,7 +566,7 @@ class Policy:
         if storage is None or mailbox is None or not isinstance(days, int):
             return []
         keys = list(self.retrieved) if days == 0 else []
-        find = getattr(storage, "expired", None)
+        find = capability(storage, "expired")
         if find is not None:
             try:
                 keys += (yield _call(find, mailbox, days, self.services.wall_clock()))
@@ -578,7 +577,7 @@ class Policy:
     def _record(self, expired: Sequence[str]) -> Steps:
         """Hand this session's first-RETR times to the storage (after the deletions)."""
         storage, mailbox = self.settings.storage, self.mailbox
-        record = getattr(storage, "retrieved", None)
+        record = capability(storage, "retrieved")
         if (
             record is None
             or mailbox is None

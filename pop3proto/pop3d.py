@@ -22,6 +22,9 @@ __all__ = ["Pop3dAuth", "Pop3dStorage"]
 class Pop3dAuth:
     """Adapts a pop3d-style ``auth(cmd, name)`` callable (lookup -> (password, mailbox))."""
 
+    #: pop3d's lookup hands back the password itself: APOP and CRAM-MD5 can work.
+    has_cleartext = True
+
     def __init__(self, cmd: Callable[..., Any]) -> None:
         self._cmd = cmd
 

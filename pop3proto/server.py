@@ -33,7 +33,7 @@ from .limits import AddressCounter, Penalties, PenaltyTable, address_group
 from .ops.logfmt import event_message
 from .options import OPTIONS, check_option
 from .pop3d import Pop3dAuth, Pop3dStorage
-from .storage import SafeLog, nonblocking
+from .storage import SafeLog, capability, nonblocking
 
 __all__ = ["Server", "TransportHandle", "is_loopback"]
 
@@ -97,14 +97,6 @@ def _catalogs(languages: Iterable[Any]) -> list[Catalog]:
                 raise TypeError(f"option 'languages': {exc}") from None
         out.append(item)
     return out
-
-
-def _capability(obj: Any, name: str, default: Any) -> Any:
-    """An optional capability of an authenticator; a failure to answer is the default."""
-    try:
-        return getattr(obj, name, default)
-    except Exception:
-        return default
 
 
 class Server:
@@ -399,8 +391,8 @@ class Server:
                 idle_timeout=float(opts["idle_timeout"]),
                 login_timeout=float(opts["login_timeout"]),
                 handshake_timeout=float(opts["handshake_timeout"]),
-                dummy_verifier=_capability(auth, "dummy_verifier", None),
-                inline_reads=bool(_capability(storage, "nonblocking_reads", False)),
+                dummy_verifier=capability(auth, "dummy_verifier"),
+                inline_reads=bool(capability(storage, "nonblocking_reads")),
             )
         return settings
 
@@ -413,8 +405,8 @@ class Server:
         key = (
             plain_ok,
             tls,
-            bool(_capability(auth, "has_cleartext", False)),
-            bool(_capability(auth, "has_scram", False)),
+            bool(capability(auth, "has_cleartext")),
+            bool(capability(auth, "has_scram")),
         )
         config = self._config_cache.get(key)
         if config is None:
@@ -430,9 +422,9 @@ class Server:
         mechs = opts["sasl_mechanisms"]
         if mechs is None:
             mechs = ["PLAIN", "LOGIN"]
-            if auth is not None and _capability(auth, "has_cleartext", False):
+            if auth is not None and capability(auth, "has_cleartext"):
                 mechs.append("CRAM-MD5")
-            if auth is not None and _capability(auth, "has_scram", False):
+            if auth is not None and capability(auth, "has_scram"):
                 mechs.append("SCRAM-SHA-256")
             if opts["oauth"] is not None:
                 mechs += ["OAUTHBEARER", "XOAUTH2"]
@@ -443,7 +435,7 @@ class Server:
                 max_line_length=opts["max_line_length"],
                 max_bad_commands=opts["max_bad_commands"],
                 max_auth_failures=opts["max_auth_failures"],
-                apop=bool(opts["apop"]) and bool(_capability(auth, "has_cleartext", True)),
+                apop=bool(opts["apop"]) and bool(capability(auth, "has_cleartext")),
                 sasl_mechanisms=tuple(m.upper() for m in mechs),
                 cleartext_auth=plain_ok,
                 stls=context is not None and not tls,

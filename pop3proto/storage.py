@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, BinaryIO, Protocol, TypeVar, runtime_checkable
 
 from ._maildrop import MessageInfo
@@ -25,6 +26,8 @@ from .auth import Verifier
 Found = tuple[Verifier, str] | None
 
 __all__ = [
+    "OPTIONAL",
+    "capability",
     "Authenticator",
     "LoginTimes",
     "RetrievalTimes",
@@ -51,6 +54,41 @@ def nonblocking(fn: _F) -> _F:
     """
     fn.nonblocking = True  # type: ignore[attr-defined]
     return fn
+
+
+#: Every optional capability an authenticator or a store may have, with the one value
+#: it has when absent.  Read them with ``capability()``, never by probing.
+OPTIONAL: Mapping[str, Any] = MappingProxyType({
+    # -- an Authenticator
+    "has_cleartext": False,  # some users have cleartext secrets: APOP, CRAM-MD5 offered
+    "has_scram": False,  # some users can answer SCRAM-SHA-256: the mechanism is offered
+    "dummy_verifier": None,  # () -> Verifier costing what a real one does (unknown users)
+    "decoy_scram": None,  # (name) -> ScramSecret for an unknown name, same for the same name
+    "user_settings": None,  # (name) -> {"login_delay": s, "expire": days} overrides
+    # -- a Storage
+    "nonblocking_reads": False,  # streams from get() may be read on an event loop
+    "last_login": None,  # (mailbox) -> time of the last login (LOGIN-DELAY)
+    "logged_in": None,  # (mailbox, time): record a login
+    "expired": None,  # (mailbox, days, now) -> keys retrieved at least that long ago (EXPIRE)
+    "retrieved": None,  # (mailbox, {key: time}): record first retrievals
+    # -- either
+    "nonblocking": False,  # every method is safe to call on an event loop
+})
+
+
+def capability(obj: Any, name: str) -> Any:
+    """*obj*'s optional capability *name* (see ``OPTIONAL``), or its declared default.
+
+    An object that is None, lacks the attribute, or raises while answering
+    (a property that needs a database) has the default.
+    """
+    default = OPTIONAL[name]
+    if obj is None:
+        return default
+    try:
+        return getattr(obj, name, default)
+    except Exception:
+        return default
 
 
 def runs_inline(fn: Any) -> bool:
