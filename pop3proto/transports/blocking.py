@@ -34,18 +34,28 @@ class _Client:
 
     def __init__(self, server: Server, sock: socket.socket, peer: Any, tls: bool) -> None:
         self.sock = sock
-        self.killed = self.writing = self.handshaking = False
+        self.killed = self.handshaking = False
         self.driver = SessionDriver(server, peer, tls=tls, now=time.monotonic())
         server.set_killer(self.driver, self.kill)
 
     def kill(self) -> None:
-        """End the session from any thread: wake the read; the goodbye is still written."""
+        """End the session from any thread: wake the read; the goodbye is still written.
+
+        A write the client does not take, or a handshake, is cut off shortly after.
+        """
         self.killed = True
-        cut = self.writing or self.handshaking  # no goodbye possible: cut it off
+        self._shut(socket.SHUT_RDWR if self.handshaking else socket.SHUT_RD)
         try:
-            self.sock.shutdown(socket.SHUT_RDWR if cut else socket.SHUT_RD)
-        except OSError:
-            pass
+            threading.Timer(_REFUSE_WAIT, self._shut, (socket.SHUT_RDWR,)).start()
+        except RuntimeError:  # no thread to be had: cut it off now
+            self._shut(socket.SHUT_RDWR)
+
+    def _shut(self, how: int) -> None:
+        if not self.driver.closed:
+            try:
+                self.sock.shutdown(how)
+            except OSError:
+                pass
 
     def run(self) -> None:
         driver, sock = self.driver, self.sock
@@ -57,14 +67,11 @@ class _Client:
                 if action is RECEIVE:
                     self.receive()
                 elif isinstance(action, Write):
-                    self.writing = True
                     try:
                         self.sock.settimeout(_timeout(driver.deadline))
                         self.sock.sendall(action.data)
                     except (OSError, ValueError) as exc:
                         driver.connection_lost(exc)
-                    finally:
-                        self.writing = False
                 elif isinstance(action, Call):
                     try:
                         driver.call_done(run_call(action))
