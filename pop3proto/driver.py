@@ -162,6 +162,8 @@ class Services(Protocol):
 
 
 _INFO, _WARNING = 20, 30
+#: The Config of a session's Connection until the real one is attached (or it is refused).
+_BEFORE_GREETING = Config(sasl_mechanisms=())
 #: Input octets a client may send during a failed-login delay before it is cut off.
 _MAX_INPUT_WHILE_DELAYED = 64 * 1024
 _FINAL_STATES = (Phase.CLOSED, Phase.ERROR)
@@ -188,7 +190,7 @@ class SessionDriver:
         self.tls = tls
         self.now = now
         self.started = now
-        self.conn: Connection = Connection(Config(sasl_mechanisms=()), tls=tls)
+        self.conn: Connection = Connection(_BEFORE_GREETING, tls=tls)  # attach() replaces it
         self.policy = Policy(self)
         #: Why the session ended, for the logout line.
         self.end_reason = "Connection closed"
@@ -214,7 +216,6 @@ class SessionDriver:
         if self._refused is not None:
             self._tls_due = self._handshaking = False
             self.end_reason = f"Refused: {self._refused}"
-            self.conn = Connection(Config(sasl_mechanisms=()), tls=tls)
             self.conn.send(Err(text=self._refused, code="SYS/TEMP"))
             self._ending = True
 
