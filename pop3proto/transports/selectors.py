@@ -32,7 +32,7 @@ from typing import Any
 from pop3proto.driver import CLOSE, RECEIVE, START_TLS, Call, SessionDriver, Write
 from pop3proto.server import Server
 
-from ._common import ProxyReader, open_listeners, ports_of, quickack, run_call
+from ._common import ProxyReader, open_listeners, ports_of, quickack, raise_nofile, run_call
 
 __all__ = ["main", "serve", "start"]
 
@@ -378,6 +378,8 @@ class _Loop:
                     driver.connection_lost(exc)
                     return True
                 driver.receive_data(data)
+                if data and driver.partial_line:
+                    quickack(c.sock)  # the record held part of a line: ACK it at once
                 self._queue(c, b"")
                 return True
         try:
@@ -465,7 +467,11 @@ class _Loop:
 
 
 def start(server: Server) -> _Loop:
-    """Listen and serve in a background thread; returns once the ports are bound."""
+    """Listen and serve in a background thread; returns once the ports are bound.
+
+    The soft open-file limit is raised to the hard one first (a descriptor per session).
+    """
+    raise_nofile()
     loop = _Loop(server, open_listeners(server))
     loop.thread.start()
     return loop
