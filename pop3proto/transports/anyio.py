@@ -78,10 +78,13 @@ class _Client:
             self.scope = anyio.CancelScope()
             with self.scope:
                 await self.perform()
-            if self.scope.cancelled_caught and self.killed:  # else a deadline passed
+            if not self.scope.cancelled_caught:
+                continue
+            if self.writing:  # a write cut short: its bytes are not all out
+                self.writing = False
+                driver.connection_lost(None if self.killed else TimeoutError("write timed out"))
+            if self.killed:  # else a deadline passed
                 self.killed = False
-                if self.writing:
-                    driver.connection_lost()
                 driver.shutdown()
 
     async def perform(self) -> None:
@@ -109,13 +112,12 @@ class _Client:
                 # A write must not be interrupted before its own deadline: exact.
                 if due != scope.deadline:
                     scope.deadline = due
-                self.writing = True
+                self.writing = True  # left set if the write is cancelled (see run)
                 try:
                     await self.stream.send(action.data)
                 except _IO_ERRORS as exc:
                     driver.connection_lost(exc)
-                finally:
-                    self.writing = False
+                self.writing = False
             elif isinstance(action, Call):
                 if action.inline:
                     # On the loop: no thread, and no shield unless there is an await.
@@ -177,6 +179,7 @@ class _Client:
         driver = self.driver
         with anyio.CancelScope(shield=True), anyio.move_on_after(_FINAL):
             if self.writing:
+                self.writing = False
                 driver.connection_lost()
             driver.shutdown()
             self.scope = anyio.CancelScope()
