@@ -379,7 +379,7 @@ class _Loop:
                     return True
                 driver.receive_data(data)
                 if data and driver.partial_line:
-                    quickack(c.sock)  # the record held part of a line: ACK it at once
+                    quickack(c.sock)
                 self._queue(c, b"")
                 return True
         try:
