@@ -600,6 +600,7 @@ def run_idle(
     opener = _IdleOpener(target.port)
     time.sleep(settle)
     rss0, pss0 = procstat.rss_kb(target.pid), procstat.pss_kb(target.pid)
+    fds0 = procstat.fds(target.pid)
     g0 = greeting_times(target.port, greet_samples)
     out["greeting ms at 0"] = statistics.median(g0) * 1000
     deadline = time.monotonic() + max_time
@@ -622,6 +623,7 @@ def run_idle(
             out[f"greeting max ms at {level}"] = max(g) * 1000
             out[f"open conn/s at {level}"] = (n - have) / max(open_s, 1e-9)
             out[f"open at {level}"] = n
+            out[f"server fds per conn at {level}"] = (procstat.fds(target.pid) - fds0) / max(n, 1)
             out[f"server threads at {level}"] = procstat.threads(target.pid)
             out[f"server procs at {level}"] = len(procstat.tree(target.pid))
             if n < level:

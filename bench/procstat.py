@@ -105,3 +105,14 @@ def fd_limit(pid: int) -> int | None:
     except OSError:
         pass
     return None
+
+
+def fds(pid: int) -> int:
+    """Open file descriptors of *pid*'s process tree (entries of /proc/PID/fd)."""
+    total = 0
+    for p in tree(pid):
+        try:
+            total += len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            pass
+    return total

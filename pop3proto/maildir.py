@@ -103,6 +103,7 @@ _STABLE_NS = 1_000_000_000  # a listing taken this long after the last change is
 _CACHE_MIN = 32  # messages: fewer, with every size in the names, are not worth a cache file
 _MEMO_MESSAGES = 50_000  # listings kept in memory, at most this many messages in all
 _MEMO_MAILBOXES = 256
+_SHARED_DIRS = 64  # locked maildrops whose directory and cur/ stay open for get (2 fds each)
 _LAST = 1 << 64  # sorts names that carry no delivery time last
 _DIGITS = "0123456789"
 # One match per line of "\n".join(keys): (seconds, microseconds) as _order finds them, or "".
@@ -180,6 +181,37 @@ class _Held:
     ready: bool = False  # False while lock() is still taking it
     paths: dict[str, str] = field(default_factory=dict)  # key -> "cur/<name>"
     listing: _Listing | None = None
+
+
+class _Shared:
+    """A locked maildrop's directory and ``cur/`` descriptors, kept open for ``get``.
+
+    Shared by the instance's threads: ``refs`` counts the uses under way, and
+    a dropped entry is closed by the last of them.
+    """
+
+    __slots__ = ("cur", "cur_ident", "dropped", "fd", "ident", "refs")
+
+    def __init__(self, fd: int, cur: int, ident: tuple[int, int],
+                 cur_ident: tuple[int, int]) -> None:
+        self.fd, self.cur, self.ident, self.cur_ident = fd, cur, ident, cur_ident
+        self.refs = 1
+        self.dropped = False
+
+    def close(self) -> None:
+        for fd in (self.cur, self.fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _close_shared(shared: dict[str, _Shared]) -> None:
+    """Close every entry nobody uses (for close, a finalizer, a forked child)."""
+    entries = list(shared.values())
+    shared.clear()
+    for e in entries:
+        e.dropped = True
+        if e.refs == 0:
+            e.close()
 
 
 def _order(key: str) -> tuple[int, int, str]:
@@ -550,14 +582,18 @@ class MaildirStorage:
 
     Methods are synchronous and thread-safe.  The lock is per maildrop, not per
     caller: ``unlock`` releases whatever this instance holds for the mailbox,
-    so call it only after a ``lock`` that returned True.  ``get`` is marked
-    ``nonblocking`` (an open of a file in the page cache): event-loop
-    transports call it directly.
+    so call it only after a ``lock`` that returned True.  ``get``, ``lock``
+    and ``unlock`` are marked ``nonblocking`` (opens in the page cache, a lock
+    that never waits): event-loop transports call them directly; ``scan``
+    (a cold listing stats every file) and ``dele`` (fsync) run in a thread.
 
-    A locked, idle session holds no file descriptor (see the module
-    docstring): each operation opens the maildrop's directories and closes
-    them before it returns.  The instance keeps one descriptor on ROOT and,
-    per process, one on the shared lock file; ``close`` releases them.
+    A locked, idle session holds no file descriptor of its own (see the
+    module docstring): each operation opens the maildrop's directories and
+    closes them before it returns, except that ``get`` keeps the directory
+    and ``cur/`` of the 64 maildrops it served last open (two descriptors
+    each, however many sessions; checked by two ``stat`` calls per use,
+    dropped at ``unlock``).  The instance keeps one descriptor on ROOT and,
+    per process, one on the shared lock file; ``close`` releases them all.
 
     Args:
         root: directory holding one maildrop per user.
@@ -587,8 +623,12 @@ class MaildirStorage:
         self._memo_messages = 0
         # [ROOT fd, shared lock file fd, the pid that opened the lock file]; -1: not open.
         self._fds = [-1, -1, -1]
+        # Locked maildrops' directory and cur/ fds for get, least recently used first:
+        # a RETR then costs two stats instead of opening and closing both.
+        self._shared: OrderedDict[str, _Shared] = OrderedDict()
         self._warned_locks = False
         weakref.finalize(self, _close_fds, self._fds)
+        weakref.finalize(self, _close_shared, self._shared)
         _instances.add(self)
 
     def close(self) -> None:
@@ -598,10 +638,13 @@ class MaildirStorage:
         for h in held:
             if h.fd >= 0:
                 os.close(h.fd)
+        with self._mutex:
+            _close_shared(self._shared)
         _close_fds(self._fds)
 
     # -- the Storage protocol ------------------------------------------------
 
+    @nonblocking  # an OFD lock that never waits, and opens of directories
     def lock(self, mailbox: str) -> bool:
         """Take the exclusive lock on *mailbox*; False if another session holds it.
 
@@ -645,6 +688,7 @@ class MaildirStorage:
                     if self._held.get(mailbox) is held:
                         del self._held[mailbox]
 
+    @nonblocking
     def unlock(self, mailbox: str) -> None:
         """Release the lock this instance holds on *mailbox*; a no-op if none."""
         self._check(mailbox)
@@ -653,6 +697,11 @@ class MaildirStorage:
             if held is None or not held.ready:
                 return
             del self._held[mailbox]
+            shared = self._shared.pop(mailbox, None)
+            if shared is not None:
+                shared.dropped = True
+        if shared is not None and shared.refs == 0:
+            shared.close()
         self._release(held)
 
     def scan(self, mailbox: str) -> list[MessageInfo]:
@@ -687,6 +736,24 @@ class MaildirStorage:
         rel = held.paths.get(key)
         if rel is None:
             raise MessageGone(f"no message {key!r} in this session")
+        if rel.startswith("cur/"):
+            shared = self._share(mailbox, held)
+            if shared is not None:
+                try:
+                    fd = _open_fd(rel[4:], shared.cur)[0]
+                except FileNotFoundError:
+                    fd = -1  # renamed by another MUA: the path below finds it again
+                except OSError as e:
+                    why = e.strerror or e
+                    raise MessageGone(f"message {key!r} is unreadable: {why}") from e
+                finally:
+                    self._unshare(shared)
+                if fd >= 0:
+                    try:
+                        return io.FileIO(fd, "r")
+                    except BaseException:
+                        os.close(fd)
+                        raise
         try:
             with self._dirs(mailbox, held) as dirs:
                 for _ in range(3):  # the listed path; a re-find if a flag rename races the open
@@ -1020,6 +1087,85 @@ class MaildirStorage:
             raise StorageError(f"cannot open maildrop {mailbox!r}: {e.strerror or e}") from e
         raise StorageError(f"maildrop {mailbox!r} was removed or replaced")
 
+    def _share(self, mailbox: str, held: _Held) -> _Shared | None:
+        """The locked maildrop's shared directory and cur/ fds, still the ones locked.
+
+        None when anything is unusual (no ROOT, a replaced or missing
+        directory, an error): the caller then takes the path that opens and
+        checks everything anew, and reports what it finds.
+        """
+        root = self._fds[0]
+        if root < 0 or held.ident is None:
+            return None
+        try:  # the path still names the directory that was locked, and is no link
+            st = os.stat(mailbox, dir_fd=root, follow_symlinks=False)
+        except OSError:
+            return None
+        if (st.st_dev, st.st_ino) != held.ident or not stat.S_ISDIR(st.st_mode):
+            return None
+        with self._mutex:
+            e = self._shared.get(mailbox)
+            if e is not None and e.ident == held.ident:
+                e.refs += 1
+                self._shared.move_to_end(mailbox)
+            else:
+                e = None
+        if e is not None:
+            try:  # cur/ is still the directory opened (an fd stays on it: no inode reuse)
+                cst = os.stat("cur", dir_fd=e.fd, follow_symlinks=False)
+                if (cst.st_dev, cst.st_ino) == e.cur_ident:
+                    return e
+            except OSError:
+                pass
+            self._unshare(e)
+            return None
+        try:
+            dirs = self._open(mailbox, create=False)
+        except (OSError, StorageError):
+            return None
+        if dirs is None:
+            return None
+        cur_ident: tuple[int, int] | None = None
+        try:
+            st = os.fstat(dirs.fd)
+            cur = dirs.sub("cur") if (st.st_dev, st.st_ino) == held.ident else -1
+            if cur >= 0:
+                st = os.fstat(cur)
+                cur_ident = (st.st_dev, st.st_ino)
+        except (OSError, StorageError):
+            pass
+        if cur_ident is None:
+            dirs.close()
+            return None
+        e = _Shared(dirs.fd, cur, held.ident, cur_ident)
+        dirs.fd, dirs.subs = -1, {}
+        dirs.close()  # tmp/ or new/, had they been opened
+        evicted: list[_Shared] = []
+        with self._mutex:
+            if self._held.get(mailbox) is not held:  # unlocked meanwhile: not kept
+                e.dropped = True
+            else:
+                old = self._shared.pop(mailbox, None)
+                if old is not None:
+                    evicted.append(old)
+                self._shared[mailbox] = e
+                while len(self._shared) > _SHARED_DIRS:
+                    evicted.append(self._shared.popitem(last=False)[1])
+            for old in evicted:
+                old.dropped = True
+            evicted = [old for old in evicted if old.refs == 0]
+        for old in evicted:
+            old.close()
+        return e
+
+    def _unshare(self, e: _Shared) -> None:
+        """One use of *e* is over (the last use of a dropped entry closes it)."""
+        with self._mutex:
+            e.refs -= 1
+            last = e.dropped and e.refs == 0
+        if last:
+            e.close()
+
     def _lock_file(self) -> int:
         """This process's descriptor on ROOT's shared lock file; -1 if it cannot be had."""
         fds = self._fds
@@ -1092,6 +1238,9 @@ class MaildirStorage:
         """In a forked child: the parent's sessions and lock file are not ours."""
         self._mutex = threading.Lock()
         self._held = {}
+        for e in self._shared.values():  # the child's copies; nobody uses them here
+            e.refs = 0
+        _close_shared(self._shared)
         _close_fds(self._fds, root=False)
 
     def _stamp(self, dirs: _Dirs) -> _Stamp:

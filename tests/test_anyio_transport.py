@@ -684,3 +684,60 @@ def test_demo_command_serves_and_stops_on_sigterm(backend_name: str) -> None:
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+class LoopSpy:
+    """MemoryStorage whose ``scan`` is a coroutine: it notes the module of the loop it runs in."""
+
+    def __init__(self, inner: MemoryStorage) -> None:
+        self.inner = inner
+        self.lock, self.unlock = inner.lock, inner.unlock
+        self.get, self.dele = inner.get, inner.dele
+        self.loops: list[str] = []
+
+    async def scan(self, mailbox: str) -> Any:
+        import asyncio
+
+        self.loops.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+        return self.inner.scan(mailbox)
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_up_runs_asyncio_on_uvloop_unless_turned_off(
+    setting: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("uvloop")  # the optional extra
+    monkeypatch.setenv("POP3PROTO_ANYIO_BACKEND", "asyncio")
+    if setting is None:
+        monkeypatch.delenv("POP3PROTO_UVLOOP", raising=False)
+    else:
+        monkeypatch.setenv("POP3PROTO_UVLOOP", setting)
+    inner = MemoryStorage()
+    inner.add("alice", MESSAGE)
+    spy = LoopSpy(inner)
+    server = make_server(spy)
+    server.up()
+    try:
+        pop = poplib.POP3("127.0.0.1", server.cget("port"), timeout=5)
+        pop.user("alice")
+        pop.pass_("pw")
+        assert pop.stat() == (1, len(MESSAGE))
+        pop.quit()
+    finally:
+        server.destroy("kill", timeout=5)
+    assert spy.loops == (["uvloop"] if setting is None else ["asyncio"])
+
+
+def test_start_raises_the_soft_open_file_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = min(soft, hard, 1024)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    server = make_server()
+    try:
+        server.up()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        server.destroy("kill", timeout=5)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -792,6 +792,65 @@ def test_get_is_unbuffered_nonblocking_and_opens_directly(
     assert listed == []
 
 
+
+def open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def test_lock_and_unlock_run_on_the_loop(store: MaildirStorage) -> None:
+    from pop3proto.storage import runs_inline
+
+    assert runs_inline(store.lock)
+    assert runs_inline(store.unlock)
+    assert runs_inline(store.get)
+    assert not runs_inline(store.scan)
+    assert not runs_inline(store.dele)
+
+
+def test_gets_share_descriptors_and_unlock_closes_them(store: MaildirStorage) -> None:
+    keys = [store.deliver(u, b"m\n") for u in ("alice", "bob") for _ in range(3)]
+    store.lock("alice"), store.lock("bob")  # ROOT and the lock file are open from here
+    store.scan("alice"), store.scan("bob")
+    before = open_fds()
+    for key in keys[:3]:
+        with store.get("alice", key) as f:
+            assert f.read() == b"m\n"
+    with store.get("bob", keys[3]) as f:
+        assert f.read() == b"m\n"
+    assert len(open_fds() - before) == 4  # alice's and bob's maildrop and cur/, once each
+    store.unlock("alice")
+    assert len(open_fds() - before) == 2
+    store.close()
+    assert open_fds() <= before
+
+
+def test_get_after_the_maildrop_is_replaced(tmp_path: Path, store: MaildirStorage) -> None:
+    key = store.deliver("alice", b"first\n")
+    session(store)
+    with store.get("alice", key) as f:
+        assert f.read() == b"first\n"
+    os.rename(tmp_path / "alice", tmp_path / "old")
+    put(tmp_path, key + ":2,", b"impostor\n")  # a new maildrop with the same name
+    with pytest.raises(MessageGone):
+        store.get("alice", key)
+
+
+def test_get_after_cur_is_replaced(tmp_path: Path, store: MaildirStorage) -> None:
+    key = store.deliver("alice", b"first\n")
+    other = store.deliver("alice", b"second\n")
+    session(store)
+    with store.get("alice", key) as f:
+        assert f.read() == b"first\n"
+    cur = tmp_path / "alice" / "cur"
+    os.rename(cur, tmp_path / "alice" / "cur.old")
+    cur.mkdir()
+    (cur / (other + ":2,")).write_bytes(b"moved\n")
+    with pytest.raises(MessageGone):
+        store.get("alice", key)  # not in the cur/ that is there now
+    with store.get("alice", other) as f:
+        assert f.read() == b"moved\n"
+
+
 # -- deliver: streamed, capped ----------------------------------------------------
 
 DELIVER = """

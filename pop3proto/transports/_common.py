@@ -24,6 +24,7 @@ __all__ = [
     "listen",
     "open_listeners",
     "quickack",
+    "raise_nofile",
     "run_call",
     "start",
 ]
@@ -145,3 +146,17 @@ def missing_extra(transport: str, extra: str, exc: ImportError) -> None:
         file=sys.stderr,
     )
     raise SystemExit(2)
+
+
+def raise_nofile() -> None:
+    """Raise the soft open-file limit to the hard one (a server holds one per session).
+
+    Every transport does it when it starts serving, as the command does at
+    its start: the default soft limit (often 1,024) caps a server far below
+    what the machine allows.  Failures are ignored: the limit stays as it was.
+    """
+    try:
+        from pop3proto.ops.privileges import raise_nofile as _raise
+    except ImportError:  # pragma: no cover - no ``resource`` module (not POSIX)
+        return
+    _raise()

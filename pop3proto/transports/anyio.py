@@ -8,15 +8,22 @@ calls) runs it in a thread of its own with ``anyio.run`` (backend:
 ``main()`` is the command.  A Call the driver marks ``inline`` runs on the
 loop (a coroutine is awaited); any other runs in a worker thread, shielded,
 so that a result (a lock just taken) is never lost to a cancellation.
+
+On asyncio, ``start`` (and so ``Server.up`` and the command) runs the loop on
+uvloop when it is installed (the ``uvloop`` extra), as uvicorn does;
+``POP3PROTO_UVLOOP=0`` (or ``start(uvloop=False)``) keeps the standard loop.
+``serve()`` runs in the caller's loop, whatever it is.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ._common import missing_extra
@@ -36,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from pop3proto.driver import CLOSE, RECEIVE, START_TLS, Call, SessionDriver, Write
 from pop3proto.server import Server
 
-from ._common import ProxyReader, open_listeners, ports_of, quickack
+from ._common import ProxyReader, open_listeners, ports_of, quickack, raise_nofile
 
 __all__ = ["main", "serve", "start"]
 
@@ -53,7 +60,8 @@ class _Client:
         self.raw = raw
         self.stream: ByteStream = raw
         self.sock: socket.socket | None = raw.extra(SocketAttribute.raw_socket, None)
-        self.driver = SessionDriver(server, peer, tls=tls, now=anyio.current_time())
+        self.clock = service.clock
+        self.driver = SessionDriver(server, peer, tls=tls, now=self.clock())
         self.scope = anyio.CancelScope()
         self.killed = self.writing = False
         server.set_killer(self.driver, lambda: service.in_loop(self.kill))
@@ -70,19 +78,26 @@ class _Client:
             self.scope = anyio.CancelScope()
             with self.scope:
                 await self.perform()
-            if self.scope.cancelled_caught and self.killed:  # else a deadline passed
+            if not self.scope.cancelled_caught:
+                continue
+            if self.writing:  # a write cut short: its bytes are not all out
+                self.writing = False
+                driver.connection_lost(None if self.killed else TimeoutError("write timed out"))
+            if self.killed:  # else a deadline passed
                 self.killed = False
-                if self.writing:
-                    driver.connection_lost()
                 driver.shutdown()
 
     async def perform(self) -> None:
-        driver, scope = self.driver, self.scope
+        driver, scope, clock = self.driver, self.scope, self.clock
         while True:
-            action = driver.next_action(anyio.current_time())
+            action = driver.next_action(clock())
             deadline = driver.deadline
-            scope.deadline = math.inf if deadline is None else deadline
+            due = math.inf if deadline is None else deadline
             if action is RECEIVE:
+                # A read may be interrupted early and asked for again, so the scope's
+                # timer only ever moves earlier here: no timer churn per command.
+                if due < scope.deadline:
+                    scope.deadline = due
                 try:
                     data = await self.stream.receive(_RECV)
                 except anyio.EndOfStream:
@@ -94,16 +109,32 @@ class _Client:
                 if data and self.sock is not None and driver.partial_line:
                     quickack(self.sock)
             elif isinstance(action, Write):
-                self.writing = True
+                # A write must not be interrupted before its own deadline: exact.
+                if due != scope.deadline:
+                    scope.deadline = due
+                self.writing = True  # left set if the write is cancelled (see run)
                 try:
                     await self.stream.send(action.data)
                 except _IO_ERRORS as exc:
                     driver.connection_lost(exc)
-                finally:
-                    self.writing = False
+                self.writing = False
             elif isinstance(action, Call):
-                await self.call(action)
+                if action.inline:
+                    # On the loop: no thread, and no shield unless there is an await.
+                    try:
+                        result = action.fn(*action.args)
+                    except Exception as exc:
+                        driver.call_failed(exc)
+                        continue
+                    if hasattr(result, "__await__"):
+                        await self.wait_for(result)
+                    else:
+                        driver.call_done(result)
+                else:
+                    await self.call(action)
             elif action is START_TLS:
+                if due != scope.deadline:
+                    scope.deadline = due
                 try:
                     self.stream = await TLSStream.wrap(
                         self.raw, server_side=True, ssl_context=driver.ssl_context,
@@ -116,6 +147,17 @@ class _Client:
             else:
                 assert action is CLOSE
                 return
+
+    async def wait_for(self, awaitable: Any) -> None:
+        """Await an inline Call's result, shielded (a lock just taken is never lost)."""
+        driver = self.driver
+        with anyio.CancelScope(shield=True):
+            try:
+                result = await awaitable
+            except Exception as exc:
+                driver.call_failed(exc)
+            else:
+                driver.call_done(result)
 
     async def call(self, action: Call) -> None:
         driver = self.driver
@@ -137,6 +179,7 @@ class _Client:
         driver = self.driver
         with anyio.CancelScope(shield=True), anyio.move_on_after(_FINAL):
             if self.writing:
+                self.writing = False
                 driver.connection_lost()
             driver.shutdown()
             self.scope = anyio.CancelScope()
@@ -145,7 +188,7 @@ class _Client:
             driver.connection_lost()
             with anyio.CancelScope(shield=True):
                 while not driver.closed:
-                    action = driver.next_action(anyio.current_time())
+                    action = driver.next_action(self.clock())
                     if isinstance(action, Call):
                         await self.call(action)
                     elif action is CLOSE:
@@ -167,6 +210,8 @@ class _Service:
         self.ports = ports_of(listeners)
         self.token: Any = None
         self.thread = 0
+        #: The loop's clock (asyncio: the loop's own ``time``, without anyio's lookups).
+        self.clock: Callable[[], float] = anyio.current_time
         self.accepting: anyio.CancelScope | None = None
         self.not_listening = threading.Event()
 
@@ -182,6 +227,7 @@ class _Service:
 
     async def run(self, *, task_status: TaskStatus[dict[str, int]]) -> None:
         self.token, self.thread = anyio.lowlevel.current_token(), threading.get_ident()
+        self.clock = _loop_clock()
         self.accepting = anyio.CancelScope()
         try:
             async with anyio.create_task_group() as clients:
@@ -257,6 +303,20 @@ class _Service:
         return None
 
 
+def _loop_clock() -> Callable[[], float]:
+    """The running loop's clock: what anyio's deadlines compare against, looked up once."""
+    try:
+        import sniffio
+
+        if sniffio.current_async_library() == "asyncio":
+            import asyncio
+
+            return asyncio.get_running_loop().time
+    except Exception:  # pragma: no cover - anyio brings sniffio
+        pass
+    return anyio.current_time
+
+
 async def serve(
     server: Server, *, task_status: TaskStatus[dict[str, int]] = anyio.TASK_STATUS_IGNORED
 ) -> None:
@@ -265,6 +325,7 @@ async def serve(
     While it runs, ``server.state`` is ``up`` and ``cget("port")`` the bound
     port.  ``task_status.started`` gets the ports: ``{"pop3": n}`` plus ``"pop3s"``.
     """
+    raise_nofile()
     service = _Service(server, open_listeners(server))
     handle = _Handle.__new__(_Handle)
     handle.service, handle.ports, handle._thread = service, service.ports, None
@@ -290,7 +351,8 @@ class _Handle:
     _thread: threading.Thread | None
     _shutdown: anyio.Event | None
 
-    def __init__(self, server: Server, backend: str) -> None:
+    def __init__(self, server: Server, backend: str, uvloop: bool = False) -> None:
+        self.uvloop = uvloop
         self.service = _Service(server, open_listeners(server))
         self.ports = self.service.ports
         self._ready = threading.Event()
@@ -306,7 +368,8 @@ class _Handle:
 
     def _run(self, backend: str) -> None:
         try:
-            anyio.run(self._main, backend=backend)
+            options = {"use_uvloop": True} if self.uvloop else {}
+            anyio.run(self._main, backend=backend, backend_options=options)
         except BaseException as exc:
             if self._ready.is_set():
                 self.service.server.log.exception("anyio transport failed")
@@ -341,9 +404,30 @@ class _Handle:
         return not self._thread.is_alive()
 
 
-def start(server: Server, backend: str | None = None) -> _Handle:
-    """Listen and serve in a background thread; returns once the ports are bound."""
-    return _Handle(server, backend or os.environ.get("POP3PROTO_ANYIO_BACKEND") or "asyncio")
+def use_uvloop(backend: str, requested: bool | None = None) -> bool:
+    """Whether to run asyncio on uvloop: when installed, unless ``POP3PROTO_UVLOOP=0`` or False."""
+    if backend != "asyncio":
+        return False
+    if requested is None:
+        requested = os.environ.get("POP3PROTO_UVLOOP", "1").strip().lower() not in (
+            "0", "no", "false", "off",
+        )
+    if not requested:
+        return False
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def start(server: Server, backend: str | None = None, uvloop: bool | None = None) -> _Handle:
+    """Listen and serve in a background thread; returns once the ports are bound.
+
+    *backend*: "asyncio" or "trio" (default ``$POP3PROTO_ANYIO_BACKEND``, else
+    asyncio).  *uvloop*: run asyncio on uvloop (default: when installed, unless
+    ``$POP3PROTO_UVLOOP`` is 0).  The soft open-file limit is raised to the
+    hard one first (one descriptor per idle session).
+    """
+    backend = backend or os.environ.get("POP3PROTO_ANYIO_BACKEND") or "asyncio"
+    raise_nofile()
+    return _Handle(server, backend, use_uvloop(backend, uvloop))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 from pop3proto.driver import CLOSE, RECEIVE, START_TLS, Call, SessionDriver, Write
 from pop3proto.server import Server
 
-from ._common import ProxyReader, open_listeners, ports_of, quickack, run_call
+from ._common import ProxyReader, open_listeners, ports_of, quickack, raise_nofile, run_call
 
 __all__ = ["main", "serve", "start"]
 
@@ -215,7 +215,11 @@ class _Handle:
 
 
 def start(server: Server) -> _Handle:
-    """Listen and serve in background threads; returns once the ports are bound."""
+    """Listen and serve in background threads; returns once the ports are bound.
+
+    The soft open-file limit is raised to the hard one first (a descriptor per session).
+    """
+    raise_nofile()
     handle = _Handle(server, open_listeners(server))
     handle.start()
     return handle

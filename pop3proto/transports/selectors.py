@@ -32,7 +32,7 @@ from typing import Any
 from pop3proto.driver import CLOSE, RECEIVE, START_TLS, Call, SessionDriver, Write
 from pop3proto.server import Server
 
-from ._common import ProxyReader, open_listeners, ports_of, quickack, run_call
+from ._common import ProxyReader, open_listeners, ports_of, quickack, raise_nofile, run_call
 
 __all__ = ["main", "serve", "start"]
 
@@ -521,7 +521,11 @@ class _Pool:
 
 
 def start(server: Server) -> _Loop:
-    """Listen and serve in a background thread; returns once the ports are bound."""
+    """Listen and serve in a background thread; returns once the ports are bound.
+
+    The soft open-file limit is raised to the hard one first (a descriptor per session).
+    """
+    raise_nofile()
     loop = _Loop(server, open_listeners(server))
     loop.thread.start()
     return loop
