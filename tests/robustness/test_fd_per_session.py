@@ -27,8 +27,21 @@ from .conftest import body, fill
 N = 200
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def open_fds(under: Path) -> int:
+    """Descriptors of this process open on *under* or below it (the storage's own).
+
+    Counting every descriptor would count sockets that other tests left to the
+    garbage collector, which closes them whenever it runs.
+    """
+    prefix = str(under.resolve())
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own descriptor, say)
+            continue
+        count += target == prefix or target.startswith(prefix + os.sep)
+    return count
 
 
 @pytest.fixture
@@ -42,16 +55,17 @@ def sessions(store: MaildirStorage, n: int) -> int:
     """Lock and scan *n* maildrops, RETR one message each; the descriptors they keep open."""
     store.lock("user0")  # the instance's own: ROOT and the shared lock file
     store.unlock("user0")
-    before = open_fds()
+    root = Path(store.root)
+    before = open_fds(root)
     for i in range(n):
         assert store.lock(f"user{i}")
         infos = store.scan(f"user{i}")
         with store.get(f"user{i}", infos[0].key) as f:
             assert f.read() == body(1)
-    held = open_fds() - before
+    held = open_fds(root) - before
     for i in range(n):
         store.unlock(f"user{i}")
-    assert open_fds() == before
+    assert open_fds(root) == before
     return held
 
 
@@ -59,7 +73,10 @@ def test_idle_sessions_hold_no_descriptor(root: Path) -> None:
     store = MaildirStorage(root)
     held = sessions(store, N)
     print(f"\n[figure] storage descriptors per idle session = {held / N:g}", file=sys.stderr)
-    assert held == 0
+    # No descriptor per session: only the bounded cache of the directories of the
+    # maildrops served last (two each), shared by their sessions, whatever N is.
+    assert N > maildir._SHARED_DIRS
+    assert held <= 2 * maildir._SHARED_DIRS
     store.close()
 
 
@@ -68,7 +85,7 @@ def test_without_ofd_locks_one_descriptor_per_session(
 ) -> None:
     monkeypatch.setattr(maildir, "_OFD_SETLK", None)  # the per-maildrop flock fallback
     store = MaildirStorage(root)
-    assert sessions(store, N) == N
+    assert N <= sessions(store, N) <= N + 2 * maildir._SHARED_DIRS
     other = MaildirStorage(root)
     assert store.lock("user1")
     assert not other.lock("user1")
