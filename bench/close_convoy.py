@@ -44,6 +44,7 @@ MESSAGE = b"From: a@example.org\nSubject: idle\n\nbody\n"
 PROBES = 200  # probe users (probe0..): more than any run needs
 END_LINE = re.compile(rb"Disconnected|Logged out")
 TIMEOUT = 120.0  # the most one socket operation or one drain may take
+PACKAGE = REPO  # the checkout whose pop3proto is measured (--checkout)
 
 
 def build(top: str, sessions: int) -> tuple[str, str]:
@@ -113,6 +114,13 @@ class Probe:
         return took
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process *pid* (all its threads) so far."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ends_logged(log: str) -> int:
     """Session-end lines in the server's log so far."""
     with open(log, "rb") as f:
@@ -124,7 +132,7 @@ def start_server(
 ) -> tuple[subprocess.Popen[bytes], int]:
     """The server as a child process (its own session) and the port it listens on."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = PACKAGE + os.pathsep + env.get("PYTHONPATH", "")
     argv = [
         sys.executable, "-m", f"pop3proto.transports.{transport}",
         "--host", "127.0.0.1", "--port", "0",
@@ -177,6 +185,7 @@ def run_one(
         time.sleep(args.hold)  # let the server settle with N idle sessions
         idle = statistics.median(probe() for _ in range(5))
         before = ends_logged(log)
+        cpu0 = cpu_seconds(proc.pid)
         t0 = time.perf_counter()
         for s in socks:
             s.close()
@@ -185,15 +194,18 @@ def run_one(
         first = probe()
         probes = [first]
         drained = None
+        cpu = float("nan")
         while time.perf_counter() - t0 < (TIMEOUT if counted else args.watch):
             if counted and ends_logged(log) - before >= sessions:
                 drained = time.perf_counter() - t0
+                cpu = cpu_seconds(proc.pid) - cpu0
                 break
             probes.append(probe())
         return {
             "quiet": quiet, "opened": opened, "idle": idle, "closed": closed,
             "first": first, "max": max(probes), "median": statistics.median(probes),
             "probes": len(probes), "drain": drained if drained is not None else float("nan"),
+            "cpu": cpu,
         }  # fmt: skip
     finally:
         for s in socks:
@@ -213,7 +225,13 @@ def main() -> int:
         "measured and probes run for --watch seconds",
     )
     ap.add_argument("--watch", type=float, default=3.0)
+    ap.add_argument("--reps", type=int, default=1, help="runs per transport, interleaved")
+    ap.add_argument(
+        "--checkout", default=REPO, help="a checkout whose pop3proto to measure (default: this one)"
+    )
     args = ap.parse_args()
+    global PACKAGE
+    PACKAGE = os.path.abspath(args.checkout)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
@@ -224,23 +242,26 @@ def main() -> int:
     top = tempfile.mkdtemp(prefix="pop3proto-close-convoy-")
     try:
         mail, passwd = build(top, args.sessions)
+        head = subprocess.run(
+            ["git", "-C", PACKAGE, "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=30,
+        ).stdout.strip()  # fmt: skip
         print(
-            f"{args.sessions} idle logged-in sessions closed at once by the client; "
-            f"server log level {args.log_level}; "
-            f"probe = connect to '+OK Logged in' (ms); load average "
-            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+            f"pop3proto at {head or PACKAGE}; {args.sessions} idle logged-in sessions closed at "
+            f"once by the client; server log level {args.log_level}; times in ms; "
+            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
         )
         print(
             "| transport | probe quiet | probe N idle | first probe after close | "
-            "slowest probe | median probe | probes | drain (all N ends logged) |"
+            "slowest probe | probes | drain (all N ends logged) | server CPU in drain |"
         )
         print("|---|---|---|---|---|---|---|---|")
-        for transport in args.transports.split(","):
+        for transport in args.transports.split(",") * args.reps:
             r = run_one(transport, mail, passwd, top, args)
             print(
                 f"| {transport} | {r['quiet'] * 1e3:.1f} | {r['idle'] * 1e3:.1f} | "
-                f"{r['first'] * 1e3:.0f} | {r['max'] * 1e3:.0f} | {r['median'] * 1e3:.0f} | "
-                f"{r['probes']:.0f} | {r['drain'] * 1e3:.0f} |",
+                f"{r['first'] * 1e3:.0f} | {r['max'] * 1e3:.0f} | {r['probes']:.0f} | "
+                f"{r['drain'] * 1e3:.0f} | {r['cpu'] * 1e3:.0f} |",
                 flush=True,
             )
     finally:
