@@ -593,7 +593,7 @@ class SessionDriver:
             "top": list(p.top),
             "retr": list(p.retr),
             "del": [s.deleted, total],
-            "size": drop.octets if drop is not None else 0,
+            "size": sum(m.size for m in drop.messages) if drop is not None else 0,
             "in": s.bytes_in,
             "out": s.bytes_out,
             "commands": s.commands,

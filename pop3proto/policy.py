@@ -534,9 +534,11 @@ class Policy:
         conn = self.driver.conn
         read = Call(stream.read, (chunk_size,), self.settings.inline_reads)
         counter = self.retr if isinstance(event, RetrieveMessage) else self.top
-        sent = 0
         try:
             yield Ok()
+            # The octets on the wire for the message's lines (CRLF, dot-stuffed, TOP's
+            # cut applied), without the status line and the terminator, for the logs.
+            start = conn.stats.bytes_out + conn.buffered_output
             while conn.wants_more_data:
                 try:
                     chunk = yield read
@@ -547,13 +549,13 @@ class Policy:
                     return
                 if not chunk:
                     break
-                sent += len(chunk)
                 yield Data(data=chunk)
+            sent = conn.stats.bytes_out + conn.buffered_output - start
             yield EndOfMessage()
             if isinstance(event, RetrieveMessage):
                 self.retrieved.setdefault(event.key, self.services.wall_clock())
             counter[0] += 1
-            counter[1] += event.size if isinstance(event, RetrieveMessage) else sent
+            counter[1] += sent
         finally:
             try:
                 stream.close()

@@ -112,7 +112,7 @@ def events(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
 def test_a_whole_session_greets_answers_and_logs_out(records: list[logging.LogRecord]) -> None:
     server, store = make_server()
     host = Host(server)
-    out = host.run(b"USER alice\r\nPASS pencil\r\nSTAT\r\nRETR 2\r\nDELE 1\r\nQUIT\r\n")
+    out = host.run(b"USER alice\r\nPASS pencil\r\nSTAT\r\nRETR 2\r\nTOP 1 0\r\nDELE 1\r\nQUIT\r\n")
     assert out.startswith(b"+OK POP3 server ready.\r\n")
     assert b"+OK 2 " in out
     assert b"\r\n..dot\r\n.\r\n" in out
@@ -123,8 +123,12 @@ def test_a_whole_session_greets_answers_and_logs_out(records: list[logging.LogRe
     kinds = [e["event"] for e in events(records)]
     assert kinds == ["login", "logout"]
     logout = events(records)[-1]
-    assert logout["retr"] == [1, len(b"Subject: two\r\n\r\n.dot\r\n")]
+    # octets on the wire for the message lines: dot-stuffed, TOP's cut applied
+    assert logout["retr"] == [1, len(b"Subject: two\r\n\r\n..dot\r\n")]
+    assert logout["top"] == [1, len(b"Subject: one\r\n\r\n")]
     assert logout["del"] == [1, 2]
+    sizes = len(b"Subject: one\r\n\r\nbody\r\n") + len(b"Subject: two\r\n\r\n.dot\r\n")
+    assert logout["size"] == sizes  # the maildrop at login, deletions included
     assert logout["session"] == host.driver.id
 
 
