@@ -344,10 +344,15 @@ def test_kill_from_another_thread_while_retr_stalls(backend: str) -> None:
         pop = poplib.POP3("127.0.0.1", server.cget("port"), timeout=5)
         pop.user("alice")
         pop.pass_("pw")
-        pop._putcmd("RETR 1")  # and never read the answer
+        pop._putcmd("RETR 1")  # type: ignore[attr-defined]  # and never read the answer
         time.sleep(0.3)
         done = threading.Event()
-        threading.Thread(target=lambda: (server.destroy("kill", timeout=5), done.set())).start()
+
+        def destroy_then_signal() -> None:
+            server.destroy("kill", timeout=5)
+            done.set()
+
+        threading.Thread(target=destroy_then_signal).start()
         assert done.wait(3)
         assert server.connections() == []
         assert storage.lock("alice")
@@ -556,13 +561,13 @@ class FailingReads:
         stream = self.inner.get(mailbox, key)
         first, original = [True], stream.read
 
-        def read(n: int) -> bytes:
+        def read(n: int | None = -1) -> bytes:
             if first[0]:
                 first[0] = False
                 return original(n)
             raise OSError("read error")
 
-        stream.read = read
+        stream.read = read  # type: ignore[method-assign]
         return stream
 
 

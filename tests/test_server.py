@@ -63,6 +63,7 @@ def memory(*messages: bytes, user: str = "alice") -> MemoryStorage:
 
 def test_configure_without_arguments_returns_every_option_with_its_default() -> None:
     options = Server().configure()
+    assert options is not None
     expected = {name: o.default for name, o in OPTIONS.items()}
     expected["hostname"] = options["hostname"]  # None means: the machine's name
     assert options == expected
@@ -86,6 +87,7 @@ def test_configure_sets_options_and_cget_reads_them() -> None:
     assert server.cget("port") == 0
     server.configure(idle_timeout=30, greeting="Hi there.", max_connections=5)
     options = server.configure()
+    assert options is not None
     assert options["port"] == 0
     assert (options["idle_timeout"], options["greeting"], options["max_connections"]) == (
         30,
@@ -155,7 +157,9 @@ def test_cget_port_after_up_is_the_bound_port() -> None:
         port = server.cget("port")
         assert isinstance(port, int)
         assert port != 0
-        assert server.configure()["port"] == port
+        options = server.configure()
+        assert options is not None
+        assert options["port"] == port
         with socket.create_connection((HOST, port), timeout=10) as sock:
             assert sock.recv(100).startswith(b"+OK")
 
@@ -177,7 +181,9 @@ def test_listening_options_cannot_change_while_up(name: str, value: Any) -> None
 def test_configure_round_trips_while_up() -> None:
     with running() as server:
         port = port_of(server)
-        server.configure(**server.configure())
+        options = server.configure()
+        assert options is not None
+        server.configure(**options)
         assert server.cget("port") == port
         with pytest.raises(RuntimeError, match="'port'"):
             server.configure(port=port + 1 if port < 65535 else port - 1)
@@ -272,9 +278,12 @@ def test_destroy_defer_returns_after_the_live_session_quits(env: MailEnv) -> Non
         with Raw(port) as c:
             assert c.login("alice", ALICE_PW).startswith(b"+OK")
             done = threading.Event()
-            destroyer = threading.Thread(
-                target=lambda: (server.destroy("defer", timeout=20), done.set()), daemon=True
-            )
+
+            def destroy_then_signal() -> None:
+                server.destroy("defer", timeout=20)
+                done.set()
+
+            destroyer = threading.Thread(target=destroy_then_signal, daemon=True)
             destroyer.start()
             assert wait_until(lambda: server.state == "exiting", 5)
             assert not done.wait(0.5), "destroy('defer') returned while a session was live"
@@ -433,7 +442,11 @@ def test_trace_sees_commands_and_replies_with_secrets_redacted() -> None:
 
 
 def test_no_auth_means_every_login_fails_with_auth_code() -> None:
-    options = {"auth_failure_delay": 0, "max_auth_failures": 10, "storage": memory(b"x\n")}
+    options: dict[str, Any] = {
+        "auth_failure_delay": 0,
+        "max_auth_failures": 10,
+        "storage": memory(b"x\n"),
+    }
     with running(**options) as server, Raw(port_of(server)) as c:
         for user, pw in (("alice", "pw"), ("root", "x"), ("demo", "demo")):
             assert c.cmd(f"USER {user}").startswith(b"+OK")

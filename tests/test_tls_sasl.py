@@ -446,13 +446,15 @@ def test_stls_with_poplib(server: Server, tls: TLSFiles) -> None:
         after = p.capa()
         assert "STLS" not in after
         assert after["SASL"] == before["SASL"]
-        # A second STLS (poplib itself refuses to send it).
-        assert poplib_error(p._shortcmd, "STLS").startswith(b"-ERR")
+        # A second STLS (poplib itself refuses to send it; its private _shortcmd, not in
+        # the stubs, does).
+        shortcmd = p._shortcmd  # type: ignore[attr-defined]
+        assert poplib_error(shortcmd, "STLS").startswith(b"-ERR")
         p.user("alice")
         assert p.pass_(ALICE_PW).startswith(b"+OK")
         session = [server.connection_state(i) for i in server.connections()]
         assert [s["tls"] for s in session] == [True]
-        assert poplib_error(p._shortcmd, "STLS").startswith(b"-ERR")  # after login
+        assert poplib_error(shortcmd, "STLS").startswith(b"-ERR")  # after login
         for n, msg in enumerate(ALICE_MSGS, 1):
             assert poplib_message(p.retr(n)[1]) == msg
         assert p.quit().startswith(b"+OK")
@@ -577,6 +579,7 @@ def test_plaintext_on_the_implicit_tls_port_gets_no_pop3_reply(server: Server) -
 def test_implicit_tls_full_session(server: Server, tls: TLSFiles) -> None:
     ctx = tls.client_context()
     with pop(server.cget("pop3s_port"), ctx) as p:
+        assert isinstance(p.sock, ssl.SSLSocket)
         assert p.sock.getpeercert(binary_form=True) == tls.der(1)
         assert p.getwelcome().startswith(b"+OK")
         caps = p.capa()

@@ -280,8 +280,11 @@ def test_guesses_spread_over_the_workers_share_one_penalty(
         rport = _local_port(client)
         client.quit()
         served.append(pool.served_by(rport))
-        failed = pool.wait_for(lambda r, p=rport: r.get("event") == "login_failed"
-                               and r.get("rport") == p)
+
+        def login_failed(r: dict[str, Any], p: int = rport) -> bool:
+            return r.get("event") == "login_failed" and r.get("rport") == p
+
+        failed = pool.wait_for(login_failed)
         assert failed["delay"] == delay
     assert served == [pool.workers[k % 2] for k in range(len(expected))]
 
@@ -300,6 +303,7 @@ def test_sighup_to_the_parent_reloads_the_certificate_in_every_worker(
 
     def presented(worker: int) -> bytes:
         client = pool.connect(worker, pop3s, tls.client_context())
+        assert isinstance(client.sock, ssl.SSLSocket)
         der = client.sock.getpeercert(binary_form=True)
         rport = _local_port(client)
         client.quit()
@@ -312,8 +316,12 @@ def test_sighup_to_the_parent_reloads_the_certificate_in_every_worker(
     shutil.copy(tls.key_path(2), key)
     os.kill(pool.proc.pid, signal.SIGHUP)
     for worker in pool.workers:
-        pool.wait_for(lambda r, w=worker: r.get("message") == f"TLS certificate reloaded "
-                      f"(worker {w})" and r.get("pid") == w)
+
+        def reloaded(r: dict[str, Any], w: int = worker) -> bool:
+            return (r.get("message") == f"TLS certificate reloaded (worker {w})"
+                    and r.get("pid") == w)
+
+        pool.wait_for(reloaded)
     assert [presented(w) for w in pool.workers] == [tls.der(2)] * 2
     assert _children(pool.proc.pid) == pool.workers  # nobody died on the way
 
