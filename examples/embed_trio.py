@@ -36,7 +36,7 @@ async def session(server: Server, stream: trio.SocketStream) -> None:
                 if action is RECEIVE:
                     async with trio.open_nursery() as waits:  # the data, or a kill
                         async def read(source: trio.abc.Stream = conn) -> None:
-                            driver.receive_data(await source.receive_some(65536))
+                            driver.receive_data(bytes(await source.receive_some(65536)))
                             waits.cancel_scope.cancel()
 
                         async def kill() -> None:

@@ -1295,4 +1295,4 @@ class RfcSessionMachine(SessionMachine):
     else "no workarounds left: TestSession runs the RFC model already"
 )
 def test_session_without_workarounds() -> None:
-    run_state_machine_as_test(RfcSessionMachine)
+    run_state_machine_as_test(RfcSessionMachine)  # type: ignore[no-untyped-call]  # untyped upstream

@@ -106,7 +106,7 @@ def records() -> Iterator[list[logging.LogRecord]]:
 
 
 def events(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
-    return [r.pop3 for r in records if hasattr(r, "pop3")]  # type: ignore[attr-defined]
+    return [r.pop3 for r in records if hasattr(r, "pop3")]
 
 
 def test_a_whole_session_greets_answers_and_logs_out(records: list[logging.LogRecord]) -> None:

@@ -8,6 +8,7 @@ import signal
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clients import HOST, Proc, Raw, make_env, module_argv
@@ -52,6 +53,7 @@ def test_counters_follow_the_event_records(
 ) -> None:
     log, port, live = endpoint
     live[0] = 3
+    events: list[dict[str, Any]]
     events = [LOGIN, FAILED, {**FAILED, "method": "PLAIN", "delay": 0}, GONE, LOGOUT,
               {**LOGOUT, "tls": True, "retr": [2, 1000], "top": [1, 50], "del": [2, 5]},
               {"event": "refused", "rip": "203.0.113.9", "rport": 1, "session": "1-9"},

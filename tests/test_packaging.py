@@ -143,7 +143,7 @@ def test_a_hash_scheme_without_its_library_names_the_extra(
     def no_prompt(prompt: str = "") -> str:
         raise AssertionError("asked for a password first")
 
-    monkeypatch.setattr(cli.getpass, "getpass", no_prompt)
+    monkeypatch.setattr("pop3proto.__main__.getpass.getpass", no_prompt)
     assert cli.main(["passwd", "-s", "argon2id", "-u", "bob"]) == 1
     out, err = capsys.readouterr()
     assert out == ""

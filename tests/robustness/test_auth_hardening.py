@@ -142,8 +142,8 @@ def test_a_password_over_the_bound_fails_even_when_right(scheme: str) -> None:
         # bcrypt reads 72 bytes: before the bound, any long password with the same
         # first 72 bytes was accepted.
         assert found[0].verify(password) is expected, (scheme, len(password))
-    found = DictAuthenticator({"u": hash_password("é" * 600, scheme, rounds=fast.get(scheme))})
-    assert not found.lookup("u")[0].verify("é" * 600)  # type: ignore[index]  # 1200 octets
+    auth = DictAuthenticator({"u": hash_password("é" * 600, scheme, rounds=fast.get(scheme))})
+    assert not auth.lookup("u")[0].verify("é" * 600)  # type: ignore[index]  # 1200 octets
 
 
 # --- finding 15: byte order mark, cost bounds ----------------------------------------------

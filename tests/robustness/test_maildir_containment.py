@@ -168,7 +168,7 @@ def test_login_refused_end_to_end(
             assert refused.value.args[0].startswith(b"-ERR [SYS/PERM]")
             for command in ("STAT", "RETR 1", "DELE 1", "QUIT"):  # -ERR, or closed
                 try:
-                    reply = client._shortcmd(command)
+                    reply = client._shortcmd(command)  # type: ignore[attr-defined]
                 except poplib.error_proto:
                     continue
                 except (OSError, EOFError):

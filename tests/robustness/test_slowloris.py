@@ -119,8 +119,8 @@ def test_500_sessions_while_50_connections_trickle(
             ]
             time.sleep(0.5)  # the probe's quiet baseline
             t0 = time.monotonic()  # CLOCK_MONOTONIC, comparable with the probe's
-            for t in threads:
-                t.start()
+            for thread in threads:
+                thread.start()
             next_byte = time.monotonic() + 1.0
             while any(t.is_alive() for t in threads) and time.monotonic() - t0 < 90:
                 if time.monotonic() >= next_byte:  # one byte a second on each trickler

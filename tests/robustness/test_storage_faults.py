@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import pytest
 from clients import Raw, running
@@ -175,7 +175,7 @@ class Faulty:
         self._maybe("get")
         stream = self.inner.get(mailbox, key)
         exc = self.fail.get("read")
-        return FailingReader(stream, exc) if exc is not None else stream
+        return cast(BinaryIO, FailingReader(stream, exc)) if exc is not None else stream
 
     def dele(self, mailbox: str, keys: Sequence[str]) -> None:
         self._maybe("dele")

@@ -112,6 +112,7 @@ def nproc_server(request: pytest.FixtureRequest) -> Iterator[tuple[Any, int]]:
     )  # fmt: skip
     try:
         assert p.stdout is not None
+        assert p.stderr is not None
         words = p.stdout.readline().split()
         assert words[:1] == ["listening"], (words, p.stderr.read() if p.poll() else "")
         yield p, int(words[1])
