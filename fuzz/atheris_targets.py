@@ -92,7 +92,7 @@ with _instrument:
     from pop3proto.memstore import MemoryStorage
     from pop3proto.passwd import DictAuthenticator
     from pop3proto.server import Server
-    from pop3proto.transports._common import run_call
+    from pop3proto.transports._common import perform_call
 
 HEADER = 4  # control bytes in front of every input
 
@@ -348,10 +348,7 @@ def session_target(data: bytes) -> None:
         elif isinstance(action, Write):
             wire += action.data
         elif isinstance(action, Call):
-            try:
-                driver.call_done(run_call(action))
-            except Exception as exc:
-                driver.call_failed(exc)
+            perform_call(driver, action)
         elif action is START_TLS:
             driver.tls_started()
         else:

@@ -18,7 +18,7 @@ from pop3proto.memstore import MemoryStorage
 from pop3proto.passwd import DictAuthenticator
 from pop3proto.server import Server
 from pop3proto.storage import MailboxRefused, StorageError
-from pop3proto.transports._common import run_call
+from pop3proto.transports._common import perform_call, run_call
 
 
 class Host:
@@ -61,10 +61,7 @@ class Host:
                 self.wire += action.data
             elif isinstance(action, Call):
                 self.calls.append(getattr(action.fn, "__name__", "?"))
-                try:
-                    driver.call_done(run_call(action))
-                except Exception as exc:
-                    driver.call_failed(exc)
+                perform_call(driver, action)
             elif action is START_TLS:
                 driver.tls_started()
             else:

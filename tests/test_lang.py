@@ -47,7 +47,7 @@ from pop3proto.driver import CLOSE, RECEIVE, START_TLS, Call, SessionDriver, Wri
 from pop3proto.memstore import MemoryStorage
 from pop3proto.passwd import DictAuthenticator
 from pop3proto.server import Server
-from pop3proto.transports._common import run_call
+from pop3proto.transports._common import perform_call
 
 DE = shipped.load("de")
 WITH_DE = (*DEFAULT_LANGUAGES, DE)
@@ -387,10 +387,7 @@ class Host:
             elif isinstance(action, Write):
                 wire += action.data
             elif isinstance(action, Call):
-                try:
-                    driver.call_done(run_call(action))
-                except Exception as exc:
-                    driver.call_failed(exc)
+                perform_call(driver, action)
             else:
                 assert action is not START_TLS
                 assert action is CLOSE

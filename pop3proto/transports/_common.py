@@ -13,7 +13,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any
 
-from pop3proto.driver import Call
+from pop3proto.driver import Call, SessionDriver
 from pop3proto.proxy import MAX_HEADER, V2_SIGNATURE, parse_proxy_header
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ __all__ = [
     "ProxyReader",
     "listen",
     "open_listeners",
+    "perform_call",
     "quickack",
     "raise_nofile",
     "run_call",
@@ -88,6 +89,14 @@ def run_call(call: Call) -> Any:
     if inspect.isawaitable(result):
         return asyncio.run(_await(result))
     return result
+
+
+def perform_call(driver: SessionDriver, call: Call) -> None:
+    """Run *call* in this thread and report its result or exception to *driver*."""
+    try:
+        driver.call_done(run_call(call))
+    except Exception as exc:
+        driver.call_failed(exc)
 
 
 async def _await(value: Any) -> Any:

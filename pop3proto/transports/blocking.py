@@ -17,7 +17,7 @@ from typing import Any
 from pop3proto.driver import CLOSE, RECEIVE, START_TLS, Call, SessionDriver, Write
 from pop3proto.server import Server
 
-from ._common import ProxyReader, open_listeners, ports_of, quickack, raise_nofile, run_call
+from ._common import ProxyReader, open_listeners, perform_call, ports_of, quickack, raise_nofile
 
 __all__ = ["main", "serve", "start"]
 
@@ -73,10 +73,7 @@ class _Client:
                     except (OSError, ValueError) as exc:
                         driver.connection_lost(exc)
                 elif isinstance(action, Call):
-                    try:
-                        driver.call_done(run_call(action))
-                    except Exception as exc:
-                        driver.call_failed(exc)
+                    perform_call(driver, action)
                 elif action is START_TLS:
                     self.handshake()
                 else:

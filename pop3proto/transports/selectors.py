@@ -32,7 +32,15 @@ from typing import Any
 from pop3proto.driver import CLOSE, RECEIVE, START_TLS, Call, SessionDriver, Write
 from pop3proto.server import Server
 
-from ._common import ProxyReader, open_listeners, ports_of, quickack, raise_nofile, run_call
+from ._common import (
+    ProxyReader,
+    open_listeners,
+    perform_call,
+    ports_of,
+    quickack,
+    raise_nofile,
+    run_call,
+)
 
 __all__ = ["main", "serve", "start"]
 
@@ -280,7 +288,7 @@ class _Loop:
                 self._queue(c, action.data)
             elif isinstance(action, Call):
                 if action.inline:
-                    self._report(c, action)
+                    perform_call(c.driver, action)
                 else:
                     try:
                         self.pool.submit(partial(self._in_thread, c, action))
@@ -301,12 +309,6 @@ class _Loop:
                     self._at(time.monotonic() + _FINAL, partial(self._close, c))
                 return
         self.call_soon(partial(self._pump, c))  # budget spent: let the others run first
-
-    def _report(self, c: _Client, action: Call) -> None:
-        try:
-            c.driver.call_done(run_call(action))
-        except Exception as exc:
-            c.driver.call_failed(exc)
 
     def _in_thread(self, c: _Client, action: Call) -> None:
         """In a pool thread: run the call, hand the result to the loop."""
