@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["OPTIONS", "Option", "check_option"]
+__all__ = ["OPTIONS", "Option", "check_option", "worker_count"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,12 +179,21 @@ _TABLE = [
            "(only from trusted_proxies).", "a bool", _is(bool), listen=True),
     Option("trusted_proxies", (), "Networks allowed to send a PROXY header.",
            "a list of networks such as '10.0.0.0/8'", _networks),
-    Option("workers", 1, "Worker processes sharing the listening sockets.", "a positive integer",
-           lambda v: _is(int)(v) and v >= 1, listen=True),
+    Option("workers", 1, "Worker processes sharing the listening sockets; 'auto' starts one "
+           "per core.", "a positive integer or 'auto'",
+           lambda v: v == "auto" or (_is(int)(v) and v >= 1), listen=True),
 ]
 
 #: Every option by name, in the order the docs list them.
 OPTIONS: dict[str, Option] = {o.name: o for o in _TABLE}
+
+
+def worker_count(value: int | str) -> int:
+    """The number of worker processes the ``workers`` option asks for ('auto': one per core)."""
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
+    return int(value)
 
 
 def check_option(name: str, value: Any) -> None:

@@ -320,3 +320,31 @@ def test_workers_share_the_port_and_the_locks(transport: str, tmp_path: Path) ->
     assert stderr.count("Login failed (mailbox in use): user=<alice>") == 10  # the [IN-USE]s
     assert store.lock("alice")
     assert len(store.scan("alice")) == 3
+
+
+def test_workers_auto_starts_one_worker_per_core(tmp_path: Path) -> None:
+    from pop3proto.options import worker_count
+
+    cores = len(os.sched_getaffinity(0))
+    assert worker_count("auto") == cores
+    assert worker_count(3) == 3
+    users = tmp_path / "users"
+    users.write_text("alice:{PLAIN}pw::::::\n")
+    (tmp_path / "mail").mkdir()
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pop3proto.transports.selectors", "--port", str(port),
+         "--workers", "auto", "--passwd-file", str(users), "--maildir-root",
+         str(tmp_path / "mail"), "--cleartext-auth", "always"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _wait_port(port)
+        deadline = time.monotonic() + 10
+        while len(_children(proc.pid)) < cores and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_children(proc.pid)) == cores
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
+    assert proc.returncode == 0

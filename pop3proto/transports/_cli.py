@@ -26,6 +26,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from ..ops import config, logfmt, metrics, privileges, systemd
+from ..options import worker_count
 
 if TYPE_CHECKING:
     from ..server import Server
@@ -190,7 +191,7 @@ def _start_metrics(s: dict[str, Any], server: Server, uid: int | None,
                    gid: int | None) -> tuple[Any, str | None]:
     """Start the endpoint and the counting handler; (http server, multiprocess dir)."""
     mp_dir = None
-    if s["workers"] > 1:
+    if worker_count(s["workers"]) > 1:
         mp_dir = tempfile.mkdtemp(prefix="pop3proto-metrics-")
         if uid is not None:
             os.chown(mp_dir, uid, -1 if gid is None else gid)

@@ -14,6 +14,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from pop3proto.driver import Call, SessionDriver
+from pop3proto.options import worker_count
 from pop3proto.proxy import MAX_HEADER, V2_SIGNATURE, parse_proxy_header
 
 if TYPE_CHECKING:
@@ -74,10 +75,11 @@ def ports_of(listeners: list[tuple[socket.socket, bool]]) -> dict[str, int]:
 
 def start(server: Server) -> TransportHandle:
     """Listen and serve in the background with the configured transport (or workers)."""
-    if server.cget("workers") > 1:
+    workers = worker_count(server.cget("workers"))
+    if workers > 1:
         from pop3proto.workers import WorkerPool
 
-        return WorkerPool(server, server.cget("workers"))
+        return WorkerPool(server, workers)
     module = importlib.import_module(f"pop3proto.transports.{server.cget('transport')}")
     handle: TransportHandle = module.start(server)
     return handle
