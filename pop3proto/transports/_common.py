@@ -77,7 +77,7 @@ def start(server: Server) -> TransportHandle:
     """Listen and serve in the background with the configured transport (or workers)."""
     workers = worker_count(server.cget("workers"))
     if workers > 1:
-        from pop3proto.workers import WorkerPool
+        from ._workers import WorkerPool
 
         return WorkerPool(server, workers)
     module = importlib.import_module(f"pop3proto.transports.{server.cget('transport')}")

@@ -36,10 +36,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .shared_penalties import SharedPenalties
+from ..shared_penalties import SharedPenalties
+from ._common import open_listeners, ports_of
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ..server import Server
 
 __all__ = ["WorkerPool"]
 
@@ -66,8 +67,6 @@ class WorkerPool:
     def __init__(self, server: Server, count: int) -> None:
         self.server = server
         self.count = count
-        from .transports._common import open_listeners, ports_of
-
         self.listeners = open_listeners(server)
         self.ports = ports_of(self.listeners)
         #: The failed-login penalties every worker counts in.
@@ -231,7 +230,7 @@ class WorkerPool:
 
     def _make_server(self) -> Server:  # pragma: no cover - runs in the child
         """The worker's own Server on the inherited listeners, counting in the shared table."""
-        from .server import Server
+        from ..server import Server
 
         socks = iter([s for s, _ in self.listeners])
         opts = {k: v for k, v in self.server.configure().items()  # type: ignore[union-attr]
