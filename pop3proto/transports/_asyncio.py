@@ -143,7 +143,7 @@ class _Session(asyncio.Protocol):
         driver = self.driver
         driver.receive_data(data)
         if driver.partial_line:
-            quickack(self.sock)
+            self.service.quickack(self.sock)
         self.pump()
 
     def eof_received(self) -> bool:
@@ -197,7 +197,7 @@ class _Session(asyncio.Protocol):
                     self.resume_reading()
                     driver.receive_data(held)
                     if held and driver.partial_line:
-                        quickack(self.sock)
+                        self.service.quickack(self.sock)
                     continue
                 if self.read_paused:
                     self.resume_reading()
@@ -439,8 +439,11 @@ class _Service:
 
     loop: asyncio.AbstractEventLoop
 
-    def __init__(self, server: Server, listeners: list[tuple[socket.socket, bool]]) -> None:
+    def __init__(self, server: Server, listeners: list[tuple[socket.socket, bool]],
+                 ack: Callable[[socket.socket], None] = quickack) -> None:
         self.server, self.listeners = server, listeners
+        #: Asks for an ACK at once (the anyio module's ``quickack``, which tests count).
+        self.quickack = ack
         self.ports = ports_of(listeners)
         self.thread = 0
         self.threads = _Threads()
@@ -613,9 +616,10 @@ class _Handle:
     ports: dict[str, int]
     _thread: threading.Thread | None
 
-    def __init__(self, server: Server, uvloop: bool) -> None:
+    def __init__(self, server: Server, uvloop: bool,
+                 ack: Callable[[socket.socket], None] = quickack) -> None:
         self.uvloop = uvloop
-        self.service = _Service(server, open_listeners(server))
+        self.service = _Service(server, open_listeners(server), ack)
         self.ports = self.service.ports
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -686,10 +690,11 @@ def _cancel_tasks(loop: asyncio.AbstractEventLoop) -> None:
         loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
 
-async def serve(server: Server, task_status: Any = None) -> None:
+async def serve(server: Server, task_status: Any = None,
+                ack: Callable[[socket.socket], None] = quickack) -> None:
     """Listen and serve in the running asyncio loop until cancelled (see ``anyio.serve``)."""
     raise_nofile()
-    service = _Service(server, open_listeners(server))
+    service = _Service(server, open_listeners(server), ack)
     handle = _Handle.__new__(_Handle)
     handle.service, handle.ports, handle._thread = service, service.ports, None
 
@@ -704,7 +709,8 @@ async def serve(server: Server, task_status: Any = None) -> None:
         server.stopped(handle)
 
 
-def start(server: Server, uvloop: bool = False) -> _Handle:
+def start(server: Server, uvloop: bool = False,
+          ack: Callable[[socket.socket], None] = quickack) -> _Handle:
     """Listen and serve in a background thread with its own loop (uvloop if asked)."""
     raise_nofile()
-    return _Handle(server, uvloop)
+    return _Handle(server, uvloop, ack)

@@ -334,7 +334,7 @@ async def serve(
     port.  ``task_status.started`` gets the ports: ``{"pop3": n}`` plus ``"pop3s"``.
     """
     if _protocols() and _running_asyncio():
-        await _asyncio.serve(server, task_status)
+        await _asyncio.serve(server, task_status, quickack)
         return
     raise_nofile()
     service = _Service(server, open_listeners(server))
@@ -456,7 +456,7 @@ def start(
     """
     backend = backend or os.environ.get("POP3PROTO_ANYIO_BACKEND") or "asyncio"
     if backend == "asyncio" and _protocols():
-        return _asyncio.start(server, use_uvloop(backend, uvloop))
+        return _asyncio.start(server, use_uvloop(backend, uvloop), quickack)
     raise_nofile()
     return _Handle(server, backend, use_uvloop(backend, uvloop))
 
