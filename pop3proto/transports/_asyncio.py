@@ -17,9 +17,12 @@ driver's actions from the loop's callbacks:
 
 Bytes that arrive while the session is not reading (a Call or a blocked
 write is outstanding) are held, and reading pauses until it reads again,
-so input stays bounded.  Listeners are accepted from with ``add_reader``;
-EMFILE and friends back off for 10 ms.  A PROXY header is read from the
-raw socket (exactly, never past it) before the transport exists.
+so input stays bounded.  The listeners are watched with ``add_reader`` and
+accepted from here (EMFILE and friends pause accepting for 10 ms); a PROXY
+header is read from the raw socket (exactly, never past it) before the
+transport exists, and implicit TLS makes the transport with its TLS layer
+(``connect_accepted_socket(ssl=...)``), so no byte of the handshake can
+reach the session first.
 """
 
 from __future__ import annotations
