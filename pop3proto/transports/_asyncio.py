@@ -28,7 +28,6 @@ reach the session first.
 from __future__ import annotations
 
 import asyncio
-import collections
 import math
 import socket
 import threading
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from pop3proto.driver import CLOSE, RECEIVE, START_TLS, Call, SessionDriver, Write
 
-from ._common import ProxyReader, open_listeners, ports_of, quickack, raise_nofile
+from ._common import CallPool, ProxyReader, open_listeners, ports_of, quickack, raise_nofile
 
 if TYPE_CHECKING:
     from pop3proto.server import Server
@@ -46,8 +45,6 @@ __all__ = ["serve", "start"]
 
 #: Worker threads for blocking Calls (anyio's default limiter holds as many).
 THREADS = 40
-#: Seconds an idle worker thread waits for work before it exits.
-_THREAD_IDLE = 10.0
 #: Seconds the goodbyes and the locks' release may take when the service stops.
 _FINAL = 5.0
 #: Seconds the accept loop pauses after EMFILE, ENFILE, ENOBUFS or ENOMEM.
@@ -57,50 +54,6 @@ _ACCEPT_BATCH = 64
 #: The handshake time-out when the server has none (asyncio insists on one).
 _NO_TIMEOUT = 365 * 86400.0
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-class _Threads:
-    """A bounded pool of worker threads for blocking Calls.
-
-    Unlike ``ThreadPoolExecutor``, a job is queued only once a thread is
-    there to run it: when a new thread cannot start (a task limit),
-    ``submit`` raises RuntimeError and the job will never run.
-    """
-
-    def __init__(self, limit: int = THREADS) -> None:
-        self.limit = limit
-        self.cond = threading.Condition(threading.Lock())
-        self.jobs: collections.deque[Callable[[], None]] = collections.deque()
-        self.idle = 0
-        self.threads = 0
-
-    def submit(self, job: Callable[[], None]) -> None:
-        """Run *job* in a worker thread (RuntimeError: no thread could be started)."""
-        with self.cond:
-            if self.idle <= len(self.jobs) and self.threads < self.limit:
-                thread = threading.Thread(target=self._work, name="pop3proto-call", daemon=True)
-                thread.start()  # RuntimeError under a task limit: nothing is queued
-                self.threads += 1
-            self.jobs.append(job)
-            self.cond.notify()
-
-    def _work(self) -> None:
-        cond, jobs = self.cond, self.jobs
-        with cond:
-            while True:
-                if not jobs:
-                    self.idle += 1
-                    cond.wait(_THREAD_IDLE)
-                    self.idle -= 1
-                    if not jobs:
-                        self.threads -= 1
-                        return
-                job = jobs.popleft()
-                cond.release()
-                try:
-                    job()
-                finally:
-                    cond.acquire()
 
 
 class _Session(asyncio.Protocol):
@@ -449,7 +402,7 @@ class _Service:
         self.quickack = ack
         self.ports = ports_of(listeners)
         self.thread = 0
-        self.threads = _Threads()
+        self.threads = CallPool(THREADS)
         self.sessions: set[_Session] = set()
         self.pending: set[asyncio.Future[Any]] = set()  # PROXY headers, transports being made
         self.backoffs: dict[int, asyncio.TimerHandle] = {}  # listener fd: when to accept again

@@ -7,10 +7,13 @@ one selector, anyio tasks); everything else is written here once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib
 import inspect
 import socket
 import sys
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pop3proto.driver import Call, SessionDriver
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
     from pop3proto.server import Server, TransportHandle
 
 __all__ = [
+    "CallPool",
     "ProxyReader",
     "listen",
     "open_listeners",
@@ -91,6 +95,62 @@ def run_call(call: Call) -> Any:
     if inspect.isawaitable(result):
         return asyncio.run(_await(result))
     return result
+
+
+class CallPool:
+    """Worker threads for blocking Calls, started on demand, at most *limit*.
+
+    Unlike ``ThreadPoolExecutor``, a job is queued only once a thread is there
+    to run it: when a new thread cannot start (a pids/task limit), ``submit``
+    raises RuntimeError and the job never runs, so a call cannot run later
+    for a session that is gone.  Idle threads end after *idle* seconds.
+    """
+
+    def __init__(self, limit: int, idle: float = 10.0) -> None:
+        self.limit, self.idle_timeout = limit, idle
+        self.cond = threading.Condition(threading.Lock())
+        self.jobs: collections.deque[Callable[[], None]] = collections.deque()
+        self.idle = self.threads = 0
+        self.closed = False
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run *job* in a worker thread (RuntimeError: no thread could be started)."""
+        with self.cond:
+            if self.idle <= len(self.jobs) and self.threads < self.limit:
+                thread = threading.Thread(target=self._work, name="pop3proto-call", daemon=True)
+                thread.start()  # RuntimeError under a task limit: nothing is queued
+                self.threads += 1
+            self.jobs.append(job)
+            self.cond.notify()
+
+    def _work(self) -> None:
+        cond, jobs = self.cond, self.jobs
+        with cond:
+            while True:
+                if not jobs:
+                    if self.closed:
+                        self.threads -= 1
+                        return
+                    self.idle += 1
+                    cond.wait(self.idle_timeout)
+                    self.idle -= 1
+                    if not jobs:
+                        self.threads -= 1
+                        return
+                job = jobs.popleft()
+                cond.release()
+                try:
+                    job()
+                except Exception:  # pragma: no cover - jobs report their own exceptions
+                    pass
+                finally:
+                    cond.acquire()
+
+    def shutdown(self) -> None:
+        """Let the workers end once the queued jobs are done."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
 
 
 def perform_call(driver: SessionDriver, call: Call) -> None:

@@ -24,7 +24,6 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -33,6 +32,7 @@ from pop3proto.driver import CLOSE, RECEIVE, START_TLS, Call, SessionDriver, Wri
 from pop3proto.server import Server
 
 from ._common import (
+    CallPool,
     ProxyReader,
     open_listeners,
     perform_call,
@@ -78,7 +78,7 @@ class _Loop:
         self.timers: list[tuple[float, int, Callable[[], None]]] = []
         self.seq = itertools.count()
         self.actions: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self.pool = _Pool(_POOL)
+        self.pool = CallPool(_POOL)
         self.rwake, self.wwake = socket.socketpair()
         self.stopping = self.paused = False
         self.stopped = threading.Event()
@@ -471,55 +471,6 @@ class _Loop:
         if len(self.timers) > 64 + 4 * len(self.clients):  # forget the dead ones' timers
             self.timers = [t for t in self.timers if t[0] > time.monotonic()]
             heapq.heapify(self.timers)
-
-
-class _Pool:
-    """Worker threads for blocking Calls, started on demand, at most *size*.
-
-    ``submit`` raises RuntimeError, with nothing queued, when no worker is
-    free and none can be started (a pids/task limit): the call fails at once
-    instead of running later for a session that is gone.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.jobs: deque[Callable[[], None]] = deque()
-        self.cond = threading.Condition()
-        self.threads = self.idle = 0
-        self.closed = False
-
-    def submit(self, job: Callable[[], None]) -> None:
-        """Run *job* in a worker thread (RuntimeError if no thread can be had)."""
-        with self.cond:
-            if self.idle <= len(self.jobs) and self.threads < self.size:
-                thread = threading.Thread(target=self._work, daemon=True,
-                                          name=f"pop3proto-call-{self.threads}")
-                thread.start()  # raises RuntimeError under a task limit: nothing queued
-                self.threads += 1
-            self.jobs.append(job)
-            self.cond.notify()
-
-    def _work(self) -> None:
-        while True:
-            with self.cond:
-                self.idle += 1
-                while not self.jobs and not self.closed:
-                    self.cond.wait()
-                self.idle -= 1
-                if not self.jobs:
-                    self.threads -= 1
-                    return
-                job = self.jobs.popleft()
-            try:
-                job()
-            except Exception:  # pragma: no cover - _in_thread catches what calls raise
-                pass
-
-    def shutdown(self) -> None:
-        """Let the workers end once the queued jobs are done."""
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
 
 
 def start(server: Server) -> _Loop:
