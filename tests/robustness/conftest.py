@@ -121,7 +121,10 @@ def maildir_messages(root: Path, user: str) -> dict[str, bytes]:
             continue
         for p in d.iterdir():
             if p.is_file() and not p.is_symlink():
-                out[p.name.partition(":")[0]] = p.read_bytes()
+                try:
+                    out[p.name.partition(":")[0]] = p.read_bytes()
+                except FileNotFoundError:  # the server deleted it since the listing
+                    continue
     return out
 
 
