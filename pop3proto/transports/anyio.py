@@ -337,30 +337,33 @@ async def serve(
         await _asyncio.serve(server, task_status, quickack)
         return
     raise_nofile()
-    service = _Service(server, open_listeners(server))
-    handle = _Handle.__new__(_Handle)
-    handle.service, handle.ports, handle._thread = service, service.ports, None
-    handle._shutdown = None
-
-    async def run(*, task_status: TaskStatus[dict[str, int]]) -> None:
-        await service.run(task_status=task_status)
-
+    handle = _InLoop(_Service(server, open_listeners(server)))
     try:
         async with anyio.create_task_group() as tg:
-            ports = await tg.start(run)
+            ports = await tg.start(handle.service.run)
             server.listening(handle)
             task_status.started(ports)
     finally:
         server.stopped(handle)
 
 
+class _InLoop:
+    """The TransportHandle of ``serve()`` in the caller's loop (it ends when cancelled)."""
+
+    def __init__(self, service: _Service) -> None:
+        self.service, self.ports = service, service.ports
+
+    def stop_listening(self) -> None:
+        """Close the listeners (from any thread); sessions go on."""
+        self.service.stop_listening()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the listeners are closed."""
+        return self.service.not_listening.wait(timeout)
+
+
 class _Handle:
     """``serve()`` in a background thread with its own event loop (a TransportHandle)."""
-
-    service: _Service
-    ports: dict[str, int]
-    _thread: threading.Thread | None
-    _shutdown: anyio.Event | None
 
     def __init__(self, server: Server, backend: str, uvloop: bool = False) -> None:
         self.uvloop = uvloop
@@ -368,7 +371,7 @@ class _Handle:
         self.ports = self.service.ports
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._shutdown = None
+        self._shutdown: anyio.Event | None = None
         self._thread = threading.Thread(
             target=self._run, args=(backend,), daemon=True, name=f"pop3proto-anyio-{backend}"
         )
@@ -407,8 +410,6 @@ class _Handle:
 
     def join(self, timeout: float | None = None) -> bool:
         """End the loop (sessions still live are ended without updates); wait for it."""
-        if self._thread is None:  # serve() in the caller's loop: it ends when cancelled
-            return self.service.not_listening.wait(timeout)
         if self._shutdown is not None:
             self.service.in_loop(self._shutdown.set)
         self._thread.join(timeout)
